@@ -1,0 +1,345 @@
+//! Google OAuth2 access tokens for storage (and the autoscaler): from a service-account
+//! key file (JWT bearer flow, signed with ring), the gcloud application-default user
+//! credentials (`--local`), or the GCE/GKE metadata server. Tokens are cached and
+//! refreshed a minute before expiry; concurrent callers share one refresh.
+//!
+//! Hand-written rather than `gcp_auth`: that crate brings a second HTTP stack (hyper-rustls
+//! beside reqwest) and its metadata and token endpoints cannot be pointed at test servers.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use reqwest::Url;
+use ring::rand::SystemRandom;
+use ring::signature::{RsaKeyPair, RSA_PKCS1_SHA256};
+use serde::Deserialize;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::retry::Retryable;
+
+pub const SCOPE_CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
+pub const SCOPE_USERINFO_EMAIL: &str = "https://www.googleapis.com/auth/userinfo.email";
+pub const SCOPE_GERRIT: &str = "https://www.googleapis.com/auth/gerritcodereview";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read credentials file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("credentials file {path} is invalid: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("token request to {url} failed")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("token endpoint {url} answered {status}: {body:?}")]
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+        body: String,
+    },
+}
+
+impl Retryable for Error {
+    fn is_transient(&self) -> bool {
+        match self {
+            Error::Transport { .. } => true,
+            Error::Status { status, .. } => status.is_server_error() || status.as_u16() == 429,
+            _ => false,
+        }
+    }
+}
+
+/// Where tokens come from.
+enum Source {
+    ServiceAccount {
+        email: String,
+        key: Box<RsaKeyPair>,
+        token_uri: String,
+    },
+    User {
+        client_id: String,
+        client_secret: String,
+        refresh_token: String,
+        token_uri: String,
+    },
+    Metadata {
+        root: Url,
+    },
+}
+
+/// A cached OAuth2 access token and when to stop using it.
+#[derive(Clone)]
+pub struct Token {
+    pub value: String,
+    pub refresh_at: Instant,
+    /// Seconds of validity CTFE's token endpoint granted (for the .gitcookies expiry).
+    pub expires_in: Duration,
+}
+
+pub struct TokenSource {
+    source: Source,
+    scopes: String,
+    http: reqwest::Client,
+    cache: Mutex<Option<Token>>,
+}
+
+#[derive(Deserialize)]
+struct KeyFile {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    client_email: String,
+    #[serde(default)]
+    private_key: String,
+    #[serde(default)]
+    token_uri: String,
+    #[serde(default)]
+    client_id: String,
+    #[serde(default)]
+    client_secret: String,
+    #[serde(default)]
+    refresh_token: String,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    #[serde(default = "default_expiry")]
+    expires_in: u64,
+}
+
+fn default_expiry() -> u64 {
+    3600
+}
+
+const DEFAULT_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
+
+impl TokenSource {
+    /// Picks the source as Google's libraries do: the key file (`--service-account-file`,
+    /// else `GOOGLE_APPLICATION_CREDENTIALS`) if it exists; with `local`, the gcloud
+    /// application-default file; else the metadata server (`GCE_METADATA_HOST` overrides).
+    pub fn discover(
+        service_account_file: &Path,
+        local: bool,
+        scopes: &[&str],
+    ) -> Result<TokenSource, Error> {
+        let env_file = std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").map(PathBuf::from);
+        let gcloud = std::env::var_os("HOME").map(|home| {
+            PathBuf::from(home).join(".config/gcloud/application_default_credentials.json")
+        });
+        let candidates = [
+            Some(service_account_file.to_path_buf()),
+            env_file,
+            gcloud.filter(|_| local),
+        ];
+        if let Some(path) = candidates.into_iter().flatten().find(|p| p.is_file()) {
+            return TokenSource::from_file(&path, scopes);
+        }
+        let host = std::env::var("GCE_METADATA_HOST")
+            .unwrap_or_else(|_| "metadata.google.internal".into());
+        let root = Url::parse(&format!("http://{host}/")).map_err(|e| Error::Invalid {
+            path: "GCE_METADATA_HOST".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(TokenSource::new(Source::Metadata { root }, scopes))
+    }
+
+    /// A service-account key or an `authorized_user` file.
+    pub fn from_file(path: &Path, scopes: &[&str]) -> Result<TokenSource, Error> {
+        let invalid = |reason: String| Error::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file: KeyFile = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let token_uri = if file.token_uri.is_empty() {
+            DEFAULT_TOKEN_URI.to_owned()
+        } else {
+            file.token_uri
+        };
+        let source = match file.kind.as_str() {
+            "service_account" => {
+                let der = pem_to_der(&file.private_key)
+                    .ok_or_else(|| invalid("private_key is not a PEM key".into()))?;
+                let key = RsaKeyPair::from_pkcs8(&der)
+                    .map_err(|e| invalid(format!("private_key: {e}")))?;
+                Source::ServiceAccount {
+                    email: file.client_email,
+                    key: Box::new(key),
+                    token_uri,
+                }
+            }
+            "authorized_user" => Source::User {
+                client_id: file.client_id,
+                client_secret: file.client_secret,
+                refresh_token: file.refresh_token,
+                token_uri,
+            },
+            other => return Err(invalid(format!("unsupported credentials type {other:?}"))),
+        };
+        Ok(TokenSource::new(source, scopes))
+    }
+
+    /// The metadata server at `root` (tests point it at a local server).
+    pub fn metadata(root: Url, scopes: &[&str]) -> TokenSource {
+        TokenSource::new(Source::Metadata { root }, scopes)
+    }
+
+    fn new(source: Source, scopes: &[&str]) -> TokenSource {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("the TLS backend initialises");
+        TokenSource {
+            source,
+            scopes: scopes.join(" "),
+            http,
+            cache: Mutex::new(None),
+        }
+    }
+
+    /// A valid access token; cancel-safe (a dropped call leaves the cache intact).
+    pub async fn token(&self) -> Result<Token, Error> {
+        let mut cache = self.cache.lock().await;
+        if let Some(token) = cache.as_ref().filter(|t| Instant::now() < t.refresh_at) {
+            return Ok(token.clone());
+        }
+        let fresh = self.fetch().await?;
+        let expires_in = Duration::from_secs(fresh.expires_in);
+        let token = Token {
+            value: fresh.access_token,
+            refresh_at: Instant::now() + expires_in.saturating_sub(Duration::from_secs(60)),
+            expires_in,
+        };
+        *cache = Some(token.clone());
+        Ok(token)
+    }
+
+    async fn fetch(&self) -> Result<TokenResponse, Error> {
+        let (url, request) = match &self.source {
+            Source::Metadata { root } => {
+                let mut url = root
+                    .join("computeMetadata/v1/instance/service-accounts/default/token")
+                    .expect("valid");
+                url.query_pairs_mut()
+                    .append_pair("scopes", &self.scopes.replace(' ', ","));
+                (
+                    url.to_string(),
+                    self.http.get(url).header("Metadata-Flavor", "Google"),
+                )
+            }
+            Source::ServiceAccount {
+                email,
+                key,
+                token_uri,
+            } => {
+                let assertion = jwt(
+                    email,
+                    key,
+                    token_uri,
+                    &self.scopes,
+                    chrono::Utc::now().timestamp(),
+                );
+                let form = [
+                    ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+                    ("assertion", &assertion),
+                ];
+                (token_uri.clone(), self.http.post(token_uri).form(&form))
+            }
+            Source::User {
+                client_id,
+                client_secret,
+                refresh_token,
+                token_uri,
+            } => {
+                let form = [
+                    ("grant_type", "refresh_token"),
+                    ("client_id", client_id.as_str()),
+                    ("client_secret", client_secret.as_str()),
+                    ("refresh_token", refresh_token.as_str()),
+                ];
+                (token_uri.clone(), self.http.post(token_uri).form(&form))
+            }
+        };
+        let transport = |source| Error::Transport {
+            url: url.clone(),
+            source,
+        };
+        let response = request.send().await.map_err(transport)?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(transport)?;
+        if !status.is_success() {
+            return Err(Error::Status {
+                url,
+                status,
+                body: crate::ctfe::client::excerpt(&body),
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| Error::Invalid {
+            path: url.into(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// An RS256-signed JWT assertion for the OAuth2 JWT bearer flow (RFC 7523).
+fn jwt(email: &str, key: &RsaKeyPair, audience: &str, scopes: &str, now: i64) -> String {
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
+    let claims = serde_json::json!({"iss": email, "scope": scopes, "aud": audience, "iat": now, "exp": now + 3600});
+    let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
+    let signing_input = format!("{header}.{claims}");
+    let mut signature = vec![0; key.public().modulus_len()];
+    key.sign(
+        &RSA_PKCS1_SHA256,
+        &SystemRandom::new(),
+        signing_input.as_bytes(),
+        &mut signature,
+    )
+    .expect("RSA signing with a valid key cannot fail");
+    format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature))
+}
+
+/// The DER bytes of a `-----BEGIN PRIVATE KEY-----` (PKCS#8) PEM block.
+fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
+    let body: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN PRIVATE KEY-----"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    STANDARD.decode(body.trim()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_without_a_key_block_is_rejected() {
+        assert!(pem_to_der("garbage").is_none() || pem_to_der("garbage") == Some(vec![]));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.json");
+        std::fs::write(&path, r#"{"type":"service_account","private_key":"nope"}"#).unwrap();
+        assert!(matches!(
+            TokenSource::from_file(&path, &[]),
+            Err(Error::Invalid { .. })
+        ));
+        std::fs::write(&path, r#"{"type":"external_account"}"#).unwrap();
+        assert!(matches!(
+            TokenSource::from_file(&path, &[]),
+            Err(Error::Invalid { .. })
+        ));
+    }
+}
