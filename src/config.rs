@@ -330,6 +330,8 @@ pub struct Config {
     pub scripts_dir: Option<PathBuf>,
     pub patch_store: PatchStoreUrl,
     pub storage_url: Url,
+    /// `STORAGE_EMULATOR_HOST`: overrides `storage_url` and disables auth.
+    pub storage_emulator_host: Option<String>,
     pub script: ScriptSettings,
     pub webapp_url: Url,
     pub service_account: String,
@@ -623,6 +625,7 @@ impl Layers<'_> {
                     "https://storage.googleapis.com",
                 ),
             )?,
+            storage_emulator_host: std::env::var("STORAGE_EMULATOR_HOST").ok().filter(|h| !h.is_empty()),
             script: ScriptSettings {
                 email_client_secret_file: text(
                     &c.email_client_secret_file,

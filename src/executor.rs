@@ -19,6 +19,7 @@ use nix::unistd::Pid;
 use tokio::process::Command;
 use tokio::time::{sleep, timeout, Instant};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::output::{capture, Captured, RecentLines};
 
@@ -192,7 +193,7 @@ pub async fn run(
         })?
     };
     let pgid = Pid::from_raw(child.id().expect("a just-spawned child has a pid") as i32);
-    let reader = tokio::spawn(capture(rx, inv.output_limit, recent));
+    let reader = tokio::spawn(capture(rx, inv.output_limit, recent).in_current_span());
 
     let deadline = inv.time_limit.map(|limit| Instant::now() + limit);
     let until_deadline = async {

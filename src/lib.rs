@@ -89,8 +89,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Daemon, Error> 
                 addr: config.metrics_addr,
                 source,
             })?;
-    let emulator = std::env::var("STORAGE_EMULATOR_HOST").ok();
-    let store = PatchStore::from_config(&config, emulator.as_deref()).map_err(Error::Storage)?;
+    let store = PatchStore::from_config(&config).map_err(Error::Storage)?;
     let autoscaler: Arc<dyn Autoscaler> = match config.autoscaler.kind {
         AutoscalerKind::None => Arc::new(NoAutoscaler),
         AutoscalerKind::Gce => return Err(Error::GceUnavailable),

@@ -85,13 +85,13 @@ pub struct Gcs {
 }
 
 impl PatchStore {
-    /// Builds the store; `STORAGE_EMULATOR_HOST` (read by config) overrides the API root
+    /// Builds the store; `STORAGE_EMULATOR_HOST` (in config) overrides the API root
     /// and disables auth. Credentials are only looked for when a gs:// store needs them.
-    pub fn from_config(config: &Config, emulator: Option<&str>) -> Result<PatchStore, auth::Error> {
+    pub fn from_config(config: &Config) -> Result<PatchStore, auth::Error> {
         match &config.patch_store {
             PatchStoreUrl::File(dir) => Ok(PatchStore::File(dir.clone())),
             PatchStoreUrl::Gcs { bucket } => {
-                let (api_root, auth) = match emulator.filter(|e| !e.is_empty()) {
+                let (api_root, auth) = match config.storage_emulator_host.as_deref() {
                     Some(host) => {
                         let root = if host.contains("://") {
                             host.to_owned()

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json_;
 use tokio_util::sync::CancellationToken;
 
-use crate::ctfe::wire::{to_go_json, UpdateVars};
+use crate::ctfe::wire::UpdateVars;
 use crate::shutdown::Shutdown;
 use crate::task::argv::go_timestamp;
 use crate::task::{decode_envelope, DatastoreKey, Kind, Task};
@@ -360,7 +360,7 @@ fn envelope_bytes(task: Option<&Task>) -> Vec<u8> {
         }
         out.extend_from_slice(format!("\"{}\":", kind.name()).as_bytes());
         match task.filter(|t| t.kind() == kind) {
-            Some(t) => out.extend_from_slice(&to_go_json(&t.to_json())),
+            Some(t) => out.extend_from_slice(&t.to_go_json()),
             None => out.extend_from_slice(b"null"),
         }
     }

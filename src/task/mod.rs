@@ -61,7 +61,12 @@ macro_rules! tasks {
                 Ok(match kind { $(Kind::$kind => Task::$kind(serde_json::from_value(object)?),)* })
             }
 
-            /// The task object as CTFE encodes it (Go member order).
+            /// The task object's bytes as CTFE's Go encoder writes them (struct order).
+            pub fn to_go_json(&self) -> Vec<u8> {
+                match self { $(Task::$kind(t) => wire::to_go_json(t),)* }
+            }
+
+            /// The task object as a JSON value (members sorted; for inspection).
             pub fn to_json(&self) -> Json {
                 let value = match self { $(Task::$kind(t) => serde_json::to_value(t),)* };
                 value.expect("task structs always serialise")

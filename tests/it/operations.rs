@@ -1,0 +1,1 @@
+//! Drain, timeouts, process groups, bounded output, capacity, the status page.
