@@ -625,7 +625,9 @@ impl Layers<'_> {
                     "https://storage.googleapis.com",
                 ),
             )?,
-            storage_emulator_host: std::env::var("STORAGE_EMULATOR_HOST").ok().filter(|h| !h.is_empty()),
+            storage_emulator_host: std::env::var("STORAGE_EMULATOR_HOST")
+                .ok()
+                .filter(|h| !h.is_empty()),
             script: ScriptSettings {
                 email_client_secret_file: text(
                     &c.email_client_secret_file,

@@ -152,9 +152,12 @@ impl Status {
                 .is_some_and(|t| t.elapsed() <= self.poll_interval * 3)
     }
 
-    /// Liveness: the loop (or start-up) iterated recently. Independent of CTFE.
+    /// Liveness: the loop (or start-up) iterated recently, or the daemon is draining
+    /// (the loop has stopped on purpose; a restart would kill the tasks being drained).
+    /// Independent of CTFE.
     pub fn is_live(&self) -> bool {
-        self.lock().last_tick.elapsed() <= self.live_within
+        let inner = self.lock();
+        inner.draining || inner.last_tick.elapsed() <= self.live_within
     }
 
     pub fn readiness(&self) -> Readiness {
