@@ -227,6 +227,80 @@ pub fn decode_task(kind: Kind, object: Json) -> Result<Pending, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// A random value of the same JSON type as `zero` (the field's Go zero value).
+    fn value_like(zero: &Json) -> BoxedStrategy<Json> {
+        match zero {
+            Json::String(_) => any::<String>().prop_map(Json::from).boxed(),
+            Json::Number(_) => any::<i64>().prop_map(Json::from).boxed(),
+            Json::Bool(_) => any::<bool>().prop_map(Json::from).boxed(),
+            // CCList: null or a non-empty list (Datastore keeps no empty lists).
+            Json::Null => proptest::option::of(proptest::collection::vec(any::<String>(), 1..4))
+                .prop_map(|cc| cc.map_or(Json::Null, Json::from))
+                .boxed(),
+            other => Just(other.clone()).boxed(),
+        }
+    }
+
+    /// A random task object of `kind` with a valid key, as CTFE would send it.
+    fn task_object(kind: Kind) -> impl Strategy<Value = (Kind, Json, i64)> {
+        let zero = Task::from_json(kind, Json::Object(Default::default()))
+            .unwrap()
+            .to_json();
+        let fields: Vec<(String, BoxedStrategy<Json>)> = zero
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(name, _)| *name != "DatastoreKey")
+            .map(|(name, v)| (name.clone(), value_like(v)))
+            .collect();
+        let names: Vec<String> = fields.iter().map(|(n, _)| n.clone()).collect();
+        let values: Vec<BoxedStrategy<Json>> = fields.into_iter().map(|(_, s)| s).collect();
+        (values, 1i64..i64::MAX).prop_map(move |(values, id)| {
+            let mut object: serde_json::Map<String, Json> =
+                names.iter().cloned().zip(values).collect();
+            let key = DatastoreKey {
+                namespace: "cluster-telemetry".into(),
+                kind: kind.spec().datastore_kind.into(),
+                id,
+            };
+            object.insert("DatastoreKey".into(), Json::from(key.encode()));
+            (kind, Json::Object(object), id)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Generated tasks of every kind survive CTFE's Go encoding and our decoding.
+        #[test]
+        fn decode_round_trips_generated_tasks(
+            (task_kind, object, id) in proptest::sample::select(Kind::ALL.to_vec()).prop_flat_map(task_object),
+        ) {
+            let envelope = serde_json::json!({ task_kind.name(): object.clone() });
+            let body = crate::ctfe::wire::to_go_json(&envelope);
+            let pending = decode_envelope(&body).unwrap().unwrap();
+            prop_assert_eq!(pending.key, TaskKey { kind: task_kind, id });
+            prop_assert_eq!(pending.task.to_json(), object);
+            // And our own Go-style encoding of the decoded task decodes to the same task.
+            let again = Task::from_json(task_kind, serde_json::from_slice(&pending.task.to_go_json()).unwrap()).unwrap();
+            prop_assert_eq!(again, pending.task);
+        }
+
+        /// Arbitrary input never panics the decoder.
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_envelope(&body);
+        }
+
+        /// Arbitrary JSON members under a known kind never panic it either.
+        #[test]
+        fn arbitrary_task_objects_never_panic(member in proptest::sample::select(Kind::ALL.to_vec()), json in "[\\[\\]{}:,\"a-zA-Z0-9 .-]{0,80}") {
+            let body = format!("{{\"{}\":{json}}}", member.name());
+            let _ = decode_envelope(body.as_bytes());
+        }
+    }
 
     const PERF: &str = r#"{"CaptureSkps":null,"ChromiumAnalysis":null,"ChromiumBuild":null,"ChromiumPerf":{"DatastoreKey":"ChMiEWNsdXN0ZXItdGVsZW1ldHJ5EhUKEUNocm9taXVtUGVyZlRhc2tzECo","Username":"a@b","CCList":null,"RepeatRuns":null,"Extra":1},"LuaScript":null,"MetricsAnalysis":null,"PixelDiff":null,"RecreatePageSets":null,"RecreateWebpageArchives":null}"#;
 

@@ -170,3 +170,32 @@ async fn dev_ctfe_subcommand_serves_a_task_directory() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn the_demo_runs_every_kind_and_exits_0() {
+    let out = tokio::task::spawn_blocking(|| {
+        Command::new(BIN)
+            .arg("demo")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("queue drained: 9 tasks, 1 failed"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("failed    ChromiumBuild.42"),
+        "the failure is shown: {stdout}"
+    );
+    assert!(stdout.contains("status page at http://127.0.0.1:"));
+}

@@ -355,3 +355,146 @@ async fn healthy_follows_ctfe_reachability() {
     shutdown.drain.cancel();
     daemon.wait().await;
 }
+
+type Objects = Vec<(&'static str, &'static str)>;
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// A stand-in for the GCS JSON API (as STORAGE_EMULATOR_HOST would point to), recording
+/// the request paths it sees.
+async fn fake_gcs(objects: Objects) -> (std::net::SocketAddr, Seen) {
+    use axum::extract::State;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let state = (objects, seen.clone());
+    let app = axum::Router::new().fallback(
+        |State((objects, seen)): State<(Objects, Seen)>, uri: axum::http::Uri| async move {
+            let path_and_query = uri.path_and_query().unwrap().to_string();
+            seen.lock().unwrap().push(path_and_query.clone());
+            match objects.iter().find(|(name, _)| {
+                path_and_query
+                    == format!(
+                        "/storage/v1/b/cluster-telemetry/o/{}?alt=media",
+                        name.replace('/', "%2F")
+                    )
+            }) {
+                Some((_, content)) => (axum::http::StatusCode::OK, content.to_string()),
+                None => (
+                    axum::http::StatusCode::NOT_FOUND,
+                    "No such object".to_string(),
+                ),
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app.with_state(state)).await.unwrap() });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn gs_patches_come_from_the_storage_emulator() {
+    let (gcs, seen) = fake_gcs(vec![("patches/abc.patch", "diff --git a b\n")]).await;
+    let mut h = Harness::new().await;
+    h.config.patch_store = ct_poller::config::PatchStoreUrl::Gcs {
+        bucket: "cluster-telemetry".into(),
+    };
+    h.config.storage_emulator_host = Some(gcs.to_string());
+    h.script("pixel_diff_on_workers", "", 0);
+    h.ctfe
+        .enqueue(&envelope(
+            "PixelDiff",
+            5,
+            json!({"ChromiumPatchGSPath": "patches/abc.patch", "SkiaPatchGSPath": "", "CustomWebpagesGSPath": "patches/gone.csv"}),
+        ))
+        .unwrap();
+    let (daemon, shutdown) = h.start().await;
+    wait_until(T, "the failure report", || h.updates().len() == 1).await;
+    let requested = seen.lock().unwrap().clone();
+    assert!(requested
+        .contains(&"/storage/v1/b/cluster-telemetry/o/patches%2Fabc.patch?alt=media".to_string()));
+    assert!(
+        requested.iter().all(|p| !p.ends_with("/o/?alt=media")),
+        "an empty path is not fetched: {requested:?}"
+    );
+    let reason = daemon.poller.status.snapshot().finished[0].reason.clone();
+    assert!(
+        reason.contains("patches/gone.csv") && reason.contains("does not exist"),
+        "{reason}"
+    );
+    shutdown.drain.cancel();
+    daemon.wait().await;
+}
+
+#[tokio::test]
+async fn gs_patches_are_written_with_a_final_newline() {
+    let (gcs, _) = fake_gcs(vec![
+        ("patches/abc.patch", "diff --git a b"),
+        ("patches/pages.csv", "http://a,http://b"),
+    ])
+    .await;
+    let mut h = Harness::new().await;
+    h.config.patch_store = ct_poller::config::PatchStoreUrl::Gcs {
+        bucket: "cluster-telemetry".into(),
+    };
+    h.config.storage_emulator_host = Some(format!("http://{gcs}"));
+    h.script("pixel_diff_on_workers", "", 0);
+    h.ctfe
+        .enqueue(&envelope(
+            "PixelDiff",
+            6,
+            json!({"ChromiumPatchGSPath": "patches/abc.patch", "SkiaPatchGSPath": "", "CustomWebpagesGSPath": "patches/pages.csv"}),
+        ))
+        .unwrap();
+    let (daemon, shutdown) = h.start().await;
+    wait_until(T, "the script", || h.records().len() == 1).await;
+    let files = h.records()[0].files();
+    let run_id = h.records()[0].run_id();
+    assert_eq!(
+        files[&format!("{run_id}.chromium.patch")],
+        b"diff --git a b\n"
+    );
+    assert_eq!(files[&format!("{run_id}.skia.patch")], b"\n");
+    assert_eq!(
+        files[&format!("{run_id}.custom_webpages.csv")],
+        b"http://a,http://b\n"
+    );
+    shutdown.drain.cancel();
+    daemon.wait().await;
+}
+
+#[tokio::test]
+async fn dry_run_logs_and_reports_nothing() {
+    let mut h = Harness::new().await;
+    h.config.dry_run = true;
+    h.config.poll_interval = Duration::from_millis(50);
+    h.script("run_chromium_perf_on_workers", "", 1);
+    h.ctfe
+        .enqueue(&fixture("chromium_perf.pending.json"))
+        .unwrap();
+    for (id, content) in fixture_json("chromium_perf.files.json")["gcs_objects"]
+        .as_object()
+        .unwrap()
+    {
+        h.patch(id, content.as_str().unwrap().as_bytes());
+    }
+    let (daemon, shutdown) = h.start().await;
+    eventually(T, "several polls", || async {
+        metric(daemon.addr, r#"ct_poller_polls_total{result="duplicate"}"#)
+            .await
+            .is_some_and(|v| v >= 3.0)
+    })
+    .await;
+    assert!(h.records().is_empty(), "no script ran");
+    assert!(h.updates().is_empty(), "nothing reported");
+    assert!(h.work_dir_entries().is_empty(), "no file written");
+    assert_eq!(
+        metric(
+            daemon.addr,
+            r#"ct_poller_tasks_started_total{kind="ChromiumPerf"}"#
+        )
+        .await,
+        Some(1.0),
+        "shown once"
+    );
+    shutdown.drain.cancel();
+    daemon.wait().await;
+}

@@ -579,3 +579,25 @@ async fn json_logs_carry_the_task_fields() {
     assert_eq!(worker["level"], "INFO");
     assert!(worker["timestamp"].as_str().unwrap().ends_with('Z'));
 }
+
+#[tokio::test]
+async fn workers_are_the_oom_killers_first_choice() {
+    let h = Harness::new().await;
+    h.script(
+        "build_chromium",
+        "cat /proc/self/oom_score_adj > \"$RECORD_DIR/oom\"",
+        0,
+    );
+    h.ctfe
+        .enqueue(&envelope("ChromiumBuild", 30, json!({})))
+        .unwrap();
+    let (daemon, shutdown) = h.start().await;
+    let path = h.records_dir().join("oom");
+    wait_until(T, "the script", || {
+        std::fs::read_to_string(&path).is_ok_and(|s| s.ends_with('\n'))
+    })
+    .await;
+    assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), "500");
+    shutdown.drain.cancel();
+    daemon.wait().await;
+}
