@@ -378,41 +378,37 @@ impl Poller {
         drop(claim);
     }
 
-    /// Registers with the autoscaler, retrying until `--register-timeout` from pick-up.
+    /// Registers with the autoscaler, retrying until `--register-timeout` from pick-up
+    /// (an attempt still in flight then is dropped: `register` must be cancel-safe).
     async fn register(&self, key: &TaskKey, stop: &CancellationToken) -> Result<(), String> {
-        let picked_up = Instant::now();
-        let deadline = picked_up + self.config.register_timeout;
+        let timeout = self.config.register_timeout;
         let backoff = Backoff {
             initial: Duration::from_secs(1),
             max: Duration::from_secs(60),
             max_attempts: None,
             retry_permanent: true,
         };
-        let cancel = stop.child_token();
-        let timer = {
-            let cancel = cancel.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep_until(deadline).await;
-                cancel.cancel();
-            })
-        };
-        let result = backoff
-            .retry("autoscaler registration", &cancel, |_| async {
-                let r = tokio::select! {
-                    r = self.autoscaler.register(key) => r,
-                    _ = cancel.cancelled() => Err(crate::autoscaler::Error::TimedOut),
-                };
-                if r.is_err() {
-                    self.metrics
-                        .autoscaler_errors
-                        .with_label_values(&["register"])
-                        .inc();
-                }
-                r
-            })
-            .await;
-        timer.abort();
-        result.map_err(|e| format!("autoscaler registration failed: {}", error_chain(&e)))
+        let attempts = backoff.retry("autoscaler registration", stop, |_| async {
+            let result = self.autoscaler.register(key).await;
+            if result.is_err() {
+                self.metrics
+                    .autoscaler_errors
+                    .with_label_values(&["register"])
+                    .inc();
+            }
+            result
+        });
+        match tokio::time::timeout(timeout, attempts).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!(
+                "autoscaler registration failed: {}",
+                error_chain(&e)
+            )),
+            Err(_) => Err(format!(
+                "autoscaler registration did not succeed within {}",
+                humantime::format_duration(timeout)
+            )),
+        }
     }
 
     /// Fetches the files, runs the script, returns how it went. Run files are removed
@@ -586,7 +582,7 @@ fn print_output(script: &str, run_id: &str, output: &str) {
 /// Registration is retried until `--register-timeout`, whatever failed.
 impl Retryable for crate::autoscaler::Error {
     fn is_transient(&self) -> bool {
-        !matches!(self, crate::autoscaler::Error::TimedOut)
+        true
     }
 }
 

@@ -29,8 +29,6 @@ pub enum Error {
         total: usize,
         first: String,
     },
-    #[error("registration did not complete within --register-timeout")]
-    TimedOut,
     #[error("no credentials for the autoscaler")]
     Auth(#[source] crate::auth::Error),
 }
