@@ -52,7 +52,7 @@ impl Retryable for Error {
     fn is_transient(&self) -> bool {
         match self {
             Error::Transport { .. } => true,
-            Error::Status { status, .. } => status.is_server_error() || status.as_u16() == 429,
+            Error::Status { status, .. } => crate::retry::is_transient_status(*status),
             _ => false,
         }
     }

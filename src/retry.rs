@@ -18,6 +18,11 @@ pub trait Retryable: std::error::Error {
     }
 }
 
+/// HTTP statuses worth retrying: request timeout, too many requests, server errors.
+pub fn is_transient_status(status: reqwest::StatusCode) -> bool {
+    status.is_server_error() || matches!(status.as_u16(), 408 | 429)
+}
+
 #[derive(Debug, Clone)]
 pub struct Backoff {
     pub initial: Duration,

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{self, TokenSource};
 use crate::config::{join, Config, PatchStoreUrl};
 use crate::metrics::Metrics;
-use crate::retry::{Backoff, Retryable};
+use crate::retry::{is_transient_status, Backoff, Retryable};
 
 /// Patches are diffs and page lists; anything bigger is an error, not a download.
 pub const MAX_PATCH: u64 = 64 << 20;
@@ -61,9 +61,7 @@ impl Retryable for Error {
     fn is_transient(&self) -> bool {
         match self {
             Error::Transport { .. } => true,
-            Error::Status { status, .. } => {
-                status.is_server_error() || matches!(status.as_u16(), 408 | 429)
-            }
+            Error::Status { status, .. } => is_transient_status(*status),
             Error::Auth(e) => e.is_transient(),
             _ => false,
         }

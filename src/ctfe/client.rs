@@ -11,7 +11,7 @@ use reqwest::{StatusCode, Url};
 use crate::config::join;
 use crate::ctfe::wire::{to_go_json, FailureUpdate};
 use crate::metrics::Metrics;
-use crate::retry::Retryable;
+use crate::retry::{is_transient_status, Retryable};
 use crate::task::{decode_envelope, DecodeError, Pending};
 
 /// Longest envelope accepted (a Lua task carries its scripts inline).
@@ -104,9 +104,7 @@ impl Retryable for Error {
     fn is_transient(&self) -> bool {
         match self {
             Error::Transport { .. } => true,
-            Error::Status { status, .. } => {
-                status.is_server_error() || matches!(status.as_u16(), 408 | 429)
-            }
+            Error::Status { status, .. } => is_transient_status(*status),
             Error::Decode { .. } | Error::TooLarge { .. } => false,
         }
     }

@@ -8,6 +8,19 @@ use crate::common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ct-poller");
 
+/// SIGTERM, then the exit status.
+async fn terminate(child: std::process::Child) -> std::process::ExitStatus {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut child = child;
+    tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -69,7 +82,7 @@ async fn bad_values_exit_2_naming_the_option_before_any_request() {
 async fn the_binary_polls_serves_probes_and_drains_on_sigterm() {
     let h = Harness::new().await;
     let port = free_port();
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["--ctfe_internal_url", &format!("http://{}", h.ctfe_addr)])
         .args([
             "-poll_interval=100ms",
@@ -96,22 +109,14 @@ async fn the_binary_polls_serves_probes_and_drains_on_sigterm() {
     let (code, page) = get(addr, "/").await;
     assert_eq!(code, 200);
     assert!(page.contains("ct-poller"));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(terminate(child).await.code(), Some(0));
 }
 
 #[tokio::test]
 async fn dev_ctfe_subcommand_serves_a_task_directory() {
     let port = free_port();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args([
             "dev-ctfe",
             "--addr",
@@ -160,15 +165,7 @@ async fn dev_ctfe_subcommand_serves_a_task_directory() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(terminate(child).await.code(), Some(0));
 }
 
 #[tokio::test]
