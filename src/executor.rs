@@ -193,7 +193,9 @@ pub async fn run(
         })?
     };
     let pgid = Pid::from_raw(child.id().expect("a just-spawned child has a pid") as i32);
-    let reader = tokio::spawn(capture(rx, inv.output_limit, recent).in_current_span());
+    let stop_reading = CancellationToken::new();
+    let mut reader =
+        tokio::spawn(capture(rx, inv.output_limit, recent, stop_reading.clone()).in_current_span());
 
     let deadline = inv.time_limit.map(|limit| Instant::now() + limit);
     let until_deadline = async {
@@ -228,14 +230,17 @@ pub async fn run(
     stop_group(pgid).await;
     // Everything holding the pipe is gone unless a worker left the group (setsid): then
     // stop reading rather than wait for it.
-    let output = match timeout(Duration::from_secs(5), reader).await {
-        Ok(Ok(captured)) => captured,
-        Ok(Err(join)) => std::panic::resume_unwind(join.into_panic()),
+    let captured = match timeout(Duration::from_secs(5), &mut reader).await {
+        Ok(captured) => captured,
         Err(_) => {
-            tracing::warn!("a worker outside the task's process group still holds its output pipe");
-            Captured::new(inv.output_limit)
+            tracing::warn!(
+                "a process outside the task's process group still holds its output pipe"
+            );
+            stop_reading.cancel();
+            reader.await
         }
     };
+    let output = captured.unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()));
     Ok(Finished { exit, output })
 }
 

@@ -157,11 +157,13 @@ impl LineSplitter {
 }
 
 /// Reads `reader` to its end: each line to the log (stream="worker"), the bytes into a
-/// bounded [`Captured`], the last lines into `recent`. Ends at EOF or on a read error.
+/// bounded [`Captured`], the last lines into `recent`. Ends at EOF, on a read error, or
+/// when `stop` is cancelled (a process outside the task still holds the pipe).
 pub async fn capture<R: tokio::io::AsyncRead + Unpin>(
     mut reader: R,
     limit: usize,
     recent: RecentLines,
+    stop: tokio_util::sync::CancellationToken,
 ) -> Captured {
     let mut captured = Captured::new(limit);
     let mut splitter = LineSplitter::default();
@@ -172,7 +174,11 @@ pub async fn capture<R: tokio::io::AsyncRead + Unpin>(
         recent.push(&text);
     };
     loop {
-        match reader.read(&mut buf).await {
+        let read = tokio::select! {
+            read = reader.read(&mut buf) => read,
+            _ = stop.cancelled() => break,
+        };
+        match read {
             Ok(0) => break,
             Ok(n) => {
                 captured.push(&buf[..n]);
@@ -225,7 +231,7 @@ mod tests {
     async fn invalid_utf8_is_replaced() {
         let input: &[u8] = b"ok\n\xff\xfe bad\n";
         let recent = RecentLines::default();
-        let c = capture(input, 1024, recent.clone()).await;
+        let c = capture(input, 1024, recent.clone(), Default::default()).await;
         assert_eq!(
             recent.snapshot(),
             vec!["ok".to_string(), "\u{fffd}\u{fffd} bad".to_string()]

@@ -601,3 +601,36 @@ async fn workers_are_the_oom_killers_first_choice() {
     shutdown.drain.cancel();
     daemon.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_escaping_the_group_does_not_hang_the_task() {
+    let h = Harness::new().await;
+    // The worker leaves the task's session (and group) before the script exits.
+    let body = "setsid sleep 30 &\npid=$!\nuntil [ \"$(cut -d' ' -f6 /proc/$pid/stat)\" = \"$pid\" ]; do :; done\necho $pid > \"$RECORD_DIR/escaped\"";
+    h.script("capture_skps_on_workers", body, 0);
+    h.ctfe
+        .enqueue(&envelope("CaptureSkps", 40, json!({})))
+        .unwrap();
+    let (daemon, shutdown) = h.start().await;
+    let escaped = recorded_pid(&h, "escaped").await;
+    let status = daemon.poller.status.clone();
+    wait_until(T, "the task to end although the pipe is still held", || {
+        status.snapshot().finished.len() == 1
+    })
+    .await;
+    assert_eq!(status.snapshot().finished[0].outcome, "succeeded");
+    assert!(
+        !process_is_gone(escaped),
+        "it escaped the group, so it was not stopped"
+    );
+    assert!(
+        status.snapshot().finished[0].duration_seconds >= 5.0,
+        "the capture waited 5 s for EOF, then stopped reading"
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(escaped),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    shutdown.drain.cancel();
+    daemon.wait().await;
+}
