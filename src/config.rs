@@ -406,11 +406,14 @@ fn go_style_args<I: IntoIterator<Item = OsString>>(args: I) -> Vec<OsString> {
     args.into_iter()
         .enumerate()
         .map(|(i, arg)| {
+            // `-h` and `-V` stay clap's short help and version flags.
             let is_go_single_dash = arg.to_str().is_some_and(|s| {
-                s.len() > 2
+                s.len() >= 2
                     && s.starts_with('-')
                     && !s.starts_with("--")
                     && s.as_bytes()[1].is_ascii_alphabetic()
+                    && s != "-h"
+                    && s != "-V"
             });
             if i > 0 && is_go_single_dash {
                 let mut long = OsString::from("-");
@@ -879,6 +882,8 @@ mod tests {
             "-local",
             "--logtostderr",
             "--v=2",
+            "-v",
+            "3",
             "--service_account_file=/k.json",
         ]);
         assert_eq!(c.poll_interval, Duration::from_secs(5));
