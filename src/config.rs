@@ -882,8 +882,6 @@ mod tests {
             "-local",
             "--logtostderr",
             "--v=2",
-            "-v",
-            "3",
             "--service_account_file=/k.json",
         ]);
         assert_eq!(c.poll_interval, Duration::from_secs(5));
@@ -900,6 +898,7 @@ mod tests {
         );
         assert_eq!(c.script.service_account_file, "/k.json");
         assert!(!run(&["--local=false"]).script.local);
+        assert!(!run(&["-v", "3", "-logtostderr"]).script.local);
     }
 
     #[test]
