@@ -1,7 +1,9 @@
 //! Google OAuth2 access tokens for storage (and the autoscaler): from a service-account
 //! key file (JWT bearer flow, signed with ring), the gcloud application-default user
 //! credentials (`--local`), or the GCE/GKE metadata server. Tokens are cached and
-//! refreshed a minute before expiry; concurrent callers share one refresh.
+//! refreshed a minute before expiry; concurrent callers share one refresh. Nothing here
+//! reads the environment: [`GoogleEnv`] carries it, so tests point every endpoint at
+//! local servers.
 //!
 //! Hand-written rather than `gcp_auth`: that crate brings a second HTTP stack (hyper-rustls
 //! beside reqwest) and its metadata and token endpoints cannot be pointed at test servers.
@@ -18,6 +20,7 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use crate::config::GoogleEnv;
 use crate::retry::Retryable;
 
 pub const SCOPE_CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -80,9 +83,13 @@ enum Source {
 #[derive(Clone)]
 pub struct Token {
     pub value: String,
+    /// When [`TokenSource::token`] stops handing it out and fetches a new one: a minute
+    /// before expiry (half the lifetime for tokens shorter than two minutes).
     pub refresh_at: Instant,
-    /// Seconds of validity CTFE's token endpoint granted (for the .gitcookies expiry).
+    /// The validity the token endpoint granted, from when it answered.
     pub expires_in: Duration,
+    /// Wall-clock expiry (the `.gitcookies` expiry column).
+    pub expiry: chrono::DateTime<chrono::Utc>,
 }
 
 pub struct TokenSource {
@@ -123,29 +130,33 @@ fn default_expiry() -> u64 {
 
 const DEFAULT_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
 
+/// How long before expiry a token is replaced.
+const REFRESH_MARGIN: Duration = Duration::from_secs(60);
+
 impl TokenSource {
     /// Picks the source as Google's libraries do: the key file (`--service-account-file`,
     /// else `GOOGLE_APPLICATION_CREDENTIALS`) if it exists; with `local`, the gcloud
     /// application-default file; else the metadata server (`GCE_METADATA_HOST` overrides).
+    /// Errors only when a key file exists but is unusable.
     pub fn discover(
         service_account_file: &Path,
         local: bool,
+        env: &GoogleEnv,
         scopes: &[&str],
     ) -> Result<TokenSource, Error> {
-        let env_file = std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").map(PathBuf::from);
-        let gcloud = std::env::var_os("HOME").map(|home| {
-            PathBuf::from(home).join(".config/gcloud/application_default_credentials.json")
-        });
+        let gcloud = env
+            .home
+            .as_ref()
+            .map(|home| home.join(".config/gcloud/application_default_credentials.json"));
         let candidates = [
             Some(service_account_file.to_path_buf()),
-            env_file,
+            env.credentials_file.clone(),
             gcloud.filter(|_| local),
         ];
         if let Some(path) = candidates.into_iter().flatten().find(|p| p.is_file()) {
             return TokenSource::from_file(&path, scopes);
         }
-        let host = std::env::var("GCE_METADATA_HOST")
-            .unwrap_or_else(|_| "metadata.google.internal".into());
+        let host = &env.metadata_host;
         let root = Url::parse(&format!("http://{host}/")).map_err(|e| Error::Invalid {
             path: "GCE_METADATA_HOST".into(),
             reason: e.to_string(),
@@ -210,18 +221,23 @@ impl TokenSource {
         }
     }
 
-    /// A valid access token; cancel-safe (a dropped call leaves the cache intact).
+    /// A valid access token; cancel-safe (a dropped call leaves the cache intact). Callers
+    /// arriving while a refresh is in flight wait for it (the cache lock is held across
+    /// the fetch), so concurrent callers share one refresh.
     pub async fn token(&self) -> Result<Token, Error> {
         let mut cache = self.cache.lock().await;
         if let Some(token) = cache.as_ref().filter(|t| Instant::now() < t.refresh_at) {
             return Ok(token.clone());
         }
         let fresh = self.fetch().await?;
-        let expires_in = Duration::from_secs(fresh.expires_in);
+        // Google grants an hour; a day caps nonsense so the arithmetic below cannot overflow.
+        let expires_in = Duration::from_secs(fresh.expires_in.min(86_400));
+        let margin = REFRESH_MARGIN.min(expires_in / 2);
         let token = Token {
             value: fresh.access_token,
-            refresh_at: Instant::now() + expires_in.saturating_sub(Duration::from_secs(60)),
+            refresh_at: Instant::now() + expires_in - margin,
             expires_in,
+            expiry: chrono::Utc::now() + chrono::TimeDelta::seconds(expires_in.as_secs() as i64),
         };
         *cache = Some(token.clone());
         Ok(token)
