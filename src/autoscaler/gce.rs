@@ -83,7 +83,7 @@ impl Default for Timing {
 /// Where the fleet is. `Starting` and `Stopping` last while the driver's calls run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fleet {
-    /// At construction, and after a failed start or stop: some instances may run.
+    /// After a failed start or stop: some instances may run.
     Unknown,
     Starting,
     /// Every instance RUNNING.
@@ -222,11 +222,12 @@ struct State {
 }
 
 impl State {
+    /// The state at construction: the start-up stop under way.
     fn new() -> State {
         State {
             registered: 0,
             waiting: 0,
-            fleet: Fleet::Unknown,
+            fleet: Fleet::Stopping,
             stop_not_before: None,
             failed_stops: 0,
             failed_starts: 0,
@@ -296,6 +297,9 @@ impl Inner {
             }
             if s.fleet == Fleet::Up {
                 s.registered += 1;
+                drop(s);
+                // An unregister waiting for its stop learns that this task kept the fleet.
+                self.changed();
                 return Ok(());
             }
             s.waiting += 1;
@@ -365,8 +369,19 @@ impl Inner {
     }
 
     /// The driver: the only caller of Compute Engine and Swarming. Ends on `cancel`.
+    /// Its first job is the start-up stop (the state begins `Stopping`), whatever
+    /// registrations arrive meanwhile: they wait for it, as for any stop.
     async fn drive(self: Arc<Self>, cancel: CancellationToken) {
-        loop {
+        info!(
+            instances = self.api.names.len(),
+            "start-up: stopping the GCE fleet, then deleting its bots"
+        );
+        let started = Instant::now();
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            result = self.api.stop_fleet() => self.end_stop(result, started),
+        }
+        while !cancel.is_cancelled() {
             let plan = self.begin(Instant::now());
             match plan {
                 Plan::Idle => {
@@ -853,7 +868,7 @@ mod tests {
     #[test]
     fn the_fleet_follows_the_count() {
         let now = Instant::now();
-        // Start-up: nobody registered, fleet unknown: stop it.
+        // After a failed start or stop, with nobody registered: stop.
         assert_eq!(state(0, 0, Fleet::Unknown).plan(now), Plan::Stop);
         assert_eq!(state(0, 0, Fleet::Down).plan(now), Plan::Idle);
         // A registration waits: start, whatever the fleet was.
