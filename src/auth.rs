@@ -1,7 +1,9 @@
 //! Google OAuth2 access tokens for storage (and the autoscaler): from a service-account
 //! key file (JWT bearer flow, signed with ring), the gcloud application-default user
 //! credentials (`--local`), or the GCE/GKE metadata server. Tokens are cached and
-//! refreshed a minute before expiry; concurrent callers share one refresh.
+//! refreshed a minute before expiry; concurrent callers share one refresh. Nothing here
+//! reads the environment: [`GoogleEnv`] carries it, so tests point every endpoint at
+//! local servers.
 //!
 //! Hand-written rather than `gcp_auth`: that crate brings a second HTTP stack (hyper-rustls
 //! beside reqwest) and its metadata and token endpoints cannot be pointed at test servers.
@@ -18,6 +20,7 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use crate::config::GoogleEnv;
 use crate::retry::Retryable;
 
 pub const SCOPE_CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -80,9 +83,13 @@ enum Source {
 #[derive(Clone)]
 pub struct Token {
     pub value: String,
+    /// When [`TokenSource::token`] stops handing it out and fetches a new one: a minute
+    /// before expiry (half the lifetime for tokens shorter than two minutes).
     pub refresh_at: Instant,
-    /// Seconds of validity CTFE's token endpoint granted (for the .gitcookies expiry).
+    /// The validity the token endpoint granted, from when it answered.
     pub expires_in: Duration,
+    /// Wall-clock expiry (the `.gitcookies` expiry column).
+    pub expiry: chrono::DateTime<chrono::Utc>,
 }
 
 pub struct TokenSource {
@@ -123,29 +130,33 @@ fn default_expiry() -> u64 {
 
 const DEFAULT_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
 
+/// How long before expiry a token is replaced.
+const REFRESH_MARGIN: Duration = Duration::from_secs(60);
+
 impl TokenSource {
     /// Picks the source as Google's libraries do: the key file (`--service-account-file`,
     /// else `GOOGLE_APPLICATION_CREDENTIALS`) if it exists; with `local`, the gcloud
     /// application-default file; else the metadata server (`GCE_METADATA_HOST` overrides).
+    /// Errors only when a key file exists but is unusable.
     pub fn discover(
         service_account_file: &Path,
         local: bool,
+        env: &GoogleEnv,
         scopes: &[&str],
     ) -> Result<TokenSource, Error> {
-        let env_file = std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").map(PathBuf::from);
-        let gcloud = std::env::var_os("HOME").map(|home| {
-            PathBuf::from(home).join(".config/gcloud/application_default_credentials.json")
-        });
+        let gcloud = env
+            .home
+            .as_ref()
+            .map(|home| home.join(".config/gcloud/application_default_credentials.json"));
         let candidates = [
             Some(service_account_file.to_path_buf()),
-            env_file,
+            env.credentials_file.clone(),
             gcloud.filter(|_| local),
         ];
         if let Some(path) = candidates.into_iter().flatten().find(|p| p.is_file()) {
             return TokenSource::from_file(&path, scopes);
         }
-        let host = std::env::var("GCE_METADATA_HOST")
-            .unwrap_or_else(|_| "metadata.google.internal".into());
+        let host = &env.metadata_host;
         let root = Url::parse(&format!("http://{host}/")).map_err(|e| Error::Invalid {
             path: "GCE_METADATA_HOST".into(),
             reason: e.to_string(),
@@ -210,18 +221,23 @@ impl TokenSource {
         }
     }
 
-    /// A valid access token; cancel-safe (a dropped call leaves the cache intact).
+    /// A valid access token; cancel-safe (a dropped call leaves the cache intact). Callers
+    /// arriving while a refresh is in flight wait for it (the cache lock is held across
+    /// the fetch), so concurrent callers share one refresh.
     pub async fn token(&self) -> Result<Token, Error> {
         let mut cache = self.cache.lock().await;
         if let Some(token) = cache.as_ref().filter(|t| Instant::now() < t.refresh_at) {
             return Ok(token.clone());
         }
         let fresh = self.fetch().await?;
-        let expires_in = Duration::from_secs(fresh.expires_in);
+        // Google grants an hour; a day caps nonsense so the arithmetic below cannot overflow.
+        let expires_in = Duration::from_secs(fresh.expires_in.min(86_400));
+        let margin = REFRESH_MARGIN.min(expires_in / 2);
         let token = Token {
             value: fresh.access_token,
-            refresh_at: Instant::now() + expires_in.saturating_sub(Duration::from_secs(60)),
+            refresh_at: Instant::now() + expires_in - margin,
             expires_in,
+            expiry: chrono::Utc::now() + chrono::TimeDelta::seconds(expires_in.as_secs() as i64),
         };
         *cache = Some(token.clone());
         Ok(token)
@@ -341,5 +357,243 @@ mod tests {
             TokenSource::from_file(&path, &[]),
             Err(Error::Invalid { .. })
         ));
+    }
+
+    use std::process::Command;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::sync::Mutex as StdMutex;
+
+    use axum::extract::{Query, State};
+    use axum::http::HeaderMap;
+    use axum::routing::{get, post};
+    use axum::{Json, Router};
+    use ring::signature::{UnparsedPublicKey, RSA_PKCS1_2048_8192_SHA256};
+
+    /// A token endpoint and a metadata server on 127.0.0.1 that count and record calls.
+    #[derive(Default)]
+    struct Endpoint {
+        calls: AtomicUsize,
+        forms: StdMutex<Vec<Vec<(String, String)>>>,
+        scopes: StdMutex<Vec<String>>,
+        expires_in: u64,
+        delay: Duration,
+    }
+
+    async fn serve(expires_in: u64, delay: Duration) -> (Url, Arc<Endpoint>) {
+        let endpoint = Arc::new(Endpoint {
+            expires_in,
+            delay,
+            ..Endpoint::default()
+        });
+        async fn answer(e: &Endpoint, prefix: &str) -> Json<serde_json::Value> {
+            let n = e.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::time::sleep(e.delay).await;
+            Json(serde_json::json!({
+                "access_token": format!("{prefix}-{n}"),
+                "expires_in": e.expires_in,
+                "token_type": "Bearer",
+            }))
+        }
+        let router = Router::new()
+            .route(
+                "/token",
+                post(|State(e): State<Arc<Endpoint>>, body: String| async move {
+                    let url = Url::parse(&format!("http://form/?{body}")).unwrap();
+                    let form = url.query_pairs().into_owned().collect();
+                    e.forms.lock().unwrap().push(form);
+                    answer(&e, "sa").await
+                }),
+            )
+            .route(
+                "/computeMetadata/v1/instance/service-accounts/default/token",
+                get(
+                    |State(e): State<Arc<Endpoint>>,
+                     headers: HeaderMap,
+                     Query(q): Query<std::collections::HashMap<String, String>>| async move {
+                        assert_eq!(headers["metadata-flavor"], "Google");
+                        e.scopes.lock().unwrap().push(q["scopes"].clone());
+                        answer(&e, "meta").await
+                    },
+                ),
+            )
+            .with_state(Arc::clone(&endpoint));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        (format!("http://{addr}/").parse().unwrap(), endpoint)
+    }
+
+    /// A fresh 2048-bit test key (PKCS#8 PEM) and its public half as DER RSAPublicKey,
+    /// from the openssl command, so the verifier does not share code with the signer.
+    fn test_key(dir: &Path) -> (String, Vec<u8>) {
+        let pem = dir.join("test-key.pem");
+        let der = dir.join("test-key.pub.der");
+        let run = |args: &[&str]| {
+            let status = Command::new("openssl")
+                .args(args)
+                .status()
+                .expect("the auth tests need the openssl command (apt-get install openssl)");
+            assert!(status.success(), "openssl {args:?}");
+        };
+        let (pem_s, der_s) = (pem.to_str().unwrap(), der.to_str().unwrap());
+        run(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            pem_s,
+        ]);
+        run(&[
+            "rsa",
+            "-in",
+            pem_s,
+            "-RSAPublicKey_out",
+            "-outform",
+            "DER",
+            "-out",
+            der_s,
+            "-passin",
+            "pass:",
+        ]);
+        (
+            std::fs::read_to_string(pem).unwrap(),
+            std::fs::read(der).unwrap(),
+        )
+    }
+
+    fn decode_part(part: &str) -> serde_json::Value {
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_jwt_assertion_is_signed_with_the_key_file_and_carries_the_claims() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pem, public) = test_key(dir.path());
+        let (root, endpoint) = serve(3600, Duration::ZERO).await;
+        let token_uri = format!("{root}token");
+        let key_file = dir.path().join("key.json");
+        let key = serde_json::json!({
+            "type": "service_account",
+            "client_email": "poller@test-project.iam.gserviceaccount.com",
+            "private_key": pem,
+            "token_uri": token_uri,
+        });
+        std::fs::write(&key_file, key.to_string()).unwrap();
+        let tokens =
+            TokenSource::from_file(&key_file, &[SCOPE_CLOUD_PLATFORM, SCOPE_USERINFO_EMAIL])
+                .unwrap();
+        let before = chrono::Utc::now().timestamp();
+        assert_eq!(tokens.token().await.unwrap().value, "sa-1");
+        let after = chrono::Utc::now().timestamp();
+
+        let form = endpoint.forms.lock().unwrap()[0].clone();
+        let get = |name: &str| {
+            form.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        assert_eq!(
+            get("grant_type"),
+            "urn:ietf:params:oauth:grant-type:jwt-bearer"
+        );
+        let assertion = get("assertion");
+        let parts: Vec<&str> = assertion.split('.').collect();
+        assert_eq!(parts.len(), 3);
+        assert_eq!(
+            decode_part(parts[0]),
+            serde_json::json!({"alg": "RS256", "typ": "JWT"})
+        );
+        let claims = decode_part(parts[1]);
+        assert_eq!(claims["iss"], "poller@test-project.iam.gserviceaccount.com");
+        assert_eq!(
+            claims["scope"],
+            format!("{SCOPE_CLOUD_PLATFORM} {SCOPE_USERINFO_EMAIL}")
+        );
+        assert_eq!(claims["aud"], token_uri.as_str());
+        let iat = claims["iat"].as_i64().unwrap();
+        assert!(
+            (before..=after).contains(&iat),
+            "iat {iat} not in [{before}, {after}]"
+        );
+        assert_eq!(claims["exp"].as_i64().unwrap(), iat + 3600);
+
+        let signature = URL_SAFE_NO_PAD.decode(parts[2]).unwrap();
+        let verifier = UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, &public);
+        let signed = format!("{}.{}", parts[0], parts[1]);
+        verifier
+            .verify(signed.as_bytes(), &signature)
+            .expect("RS256 with the file's key");
+        let forged = format!(
+            "{}.{}",
+            parts[0],
+            URL_SAFE_NO_PAD.encode(br#"{"iss":"someone@else"}"#)
+        );
+        assert!(verifier.verify(forged.as_bytes(), &signature).is_err());
+    }
+
+    #[tokio::test]
+    async fn tokens_are_cached_and_concurrent_callers_share_one_refresh() {
+        let (root, endpoint) = serve(3600, Duration::from_millis(200)).await;
+        let tokens = Arc::new(TokenSource::metadata(
+            root,
+            &[SCOPE_USERINFO_EMAIL, SCOPE_GERRIT],
+        ));
+        let callers: Vec<_> = (0..10)
+            .map(|_| {
+                let tokens = Arc::clone(&tokens);
+                tokio::spawn(async move { tokens.token().await.unwrap().value })
+            })
+            .collect();
+        for caller in callers {
+            assert_eq!(caller.await.unwrap(), "meta-1");
+        }
+        assert_eq!(tokens.token().await.unwrap().value, "meta-1");
+        assert_eq!(
+            endpoint.calls.load(Ordering::SeqCst),
+            1,
+            "one refresh for eleven callers"
+        );
+        assert_eq!(
+            endpoint.scopes.lock().unwrap()[0],
+            format!("{SCOPE_USERINFO_EMAIL},{SCOPE_GERRIT}")
+        );
+    }
+
+    #[tokio::test]
+    async fn tokens_are_refreshed_before_they_expire() {
+        let (root, endpoint) = serve(2, Duration::ZERO).await;
+        let tokens = TokenSource::metadata(root, &[SCOPE_CLOUD_PLATFORM]);
+        let first = tokens.token().await.unwrap();
+        let fetched = Instant::now();
+        assert_eq!(first.value, "meta-1");
+        assert_eq!(first.expires_in, Duration::from_secs(2));
+        let expiry_gap = first.expiry - chrono::Utc::now();
+        assert!(
+            expiry_gap <= chrono::TimeDelta::seconds(2) && expiry_gap > chrono::TimeDelta::zero()
+        );
+        let deadline = fetched + Duration::from_secs(10);
+        let second = loop {
+            let t = tokens.token().await.unwrap();
+            if t.value != first.value {
+                break t;
+            }
+            assert!(Instant::now() < deadline, "never refreshed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let refreshed_after = fetched.elapsed();
+        assert_eq!(second.value, "meta-2");
+        assert!(
+            refreshed_after >= Duration::from_millis(900),
+            "too early: {refreshed_after:?}"
+        );
+        assert!(
+            refreshed_after < Duration::from_secs(2),
+            "not before expiry: {refreshed_after:?}"
+        );
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 2);
     }
 }

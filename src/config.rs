@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use reqwest::Url;
 use serde::Deserialize;
 
+use crate::autoscaler::gce::Timing;
 use crate::task::argv::ScriptSettings;
 use crate::task::Kind;
 
@@ -317,6 +318,36 @@ pub struct AutoscalerConfig {
     pub swarming_url: Url,
     pub swarming_api: SwarmingApi,
     pub concurrency: usize,
+    /// Operation polling, timeouts and retries (not options: tests shorten them).
+    pub timing: Timing,
+}
+
+/// What the process environment says about Google credentials, read once here so that
+/// nothing else consults the environment and tests can point it at local servers.
+#[derive(Debug, Clone, Default)]
+pub struct GoogleEnv {
+    /// `GOOGLE_APPLICATION_CREDENTIALS`: the key file used when `--service-account-file`
+    /// does not exist.
+    pub credentials_file: Option<PathBuf>,
+    /// `GCE_METADATA_HOST` (host or host:port), else `metadata.google.internal`.
+    pub metadata_host: String,
+    /// `HOME`: the gcloud application-default credentials (`--local`), and the
+    /// `.gitcookies` and global git config of the refresher. `None` disables the refresher.
+    pub home: Option<PathBuf>,
+}
+
+impl GoogleEnv {
+    /// Reads `GOOGLE_APPLICATION_CREDENTIALS`, `GCE_METADATA_HOST` and `HOME`.
+    pub fn from_env() -> GoogleEnv {
+        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        GoogleEnv {
+            credentials_file: var("GOOGLE_APPLICATION_CREDENTIALS").map(PathBuf::from),
+            metadata_host: var("GCE_METADATA_HOST")
+                .and_then(|v| v.into_string().ok())
+                .unwrap_or_else(|| "metadata.google.internal".to_owned()),
+            home: var("HOME").map(PathBuf::from),
+        }
+    }
 }
 
 /// The validated configuration of the daemon.
@@ -332,6 +363,8 @@ pub struct Config {
     pub storage_url: Url,
     /// `STORAGE_EMULATOR_HOST`: overrides `storage_url` and disables auth.
     pub storage_emulator_host: Option<String>,
+    /// Where Google credentials come from (besides `--service-account-file`).
+    pub google: GoogleEnv,
     pub script: ScriptSettings,
     pub webapp_url: Url,
     pub service_account: String,
@@ -631,6 +664,7 @@ impl Layers<'_> {
             storage_emulator_host: std::env::var("STORAGE_EMULATOR_HOST")
                 .ok()
                 .filter(|h| !h.is_empty()),
+            google: GoogleEnv::from_env(),
             script: ScriptSettings {
                 email_client_secret_file: text(
                     &c.email_client_secret_file,
@@ -678,6 +712,7 @@ impl Layers<'_> {
                 )?,
                 swarming_api,
                 concurrency: concurrency as usize,
+                timing: Timing::default(),
             },
             register_timeout: parse_duration(
                 &flag("register_timeout"),

@@ -48,6 +48,7 @@ pub struct Metrics {
     pub output_dropped_bytes: IntCounterVec,
     pub patch_fetches: IntCounterVec,
     pub autoscaler_errors: IntCounterVec,
+    pub gitcookies_refreshes: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -155,6 +156,11 @@ impl Metrics {
                 "Autoscaler call failures",
                 &["op"],
             ),
+            gitcookies_refreshes: counter(
+                "ct_poller_gitcookies_refreshes_total",
+                ".gitcookies writes and git configurations, by result",
+                &["result"],
+            ),
             registry,
         };
         m.register_all();
@@ -184,6 +190,8 @@ impl Metrics {
             .unwrap();
         r.register(Box::new(self.patch_fetches.clone())).unwrap();
         r.register(Box::new(self.autoscaler_errors.clone()))
+            .unwrap();
+        r.register(Box::new(self.gitcookies_refreshes.clone()))
             .unwrap();
         #[cfg(target_os = "linux")]
         r.register(Box::new(
@@ -223,6 +231,9 @@ impl Metrics {
         }
         for op in AUTOSCALER_OPS {
             self.autoscaler_errors.with_label_values(&[op]);
+        }
+        for result in ["ok", "error"] {
+            self.gitcookies_refreshes.with_label_values(&[result]);
         }
     }
 

@@ -106,6 +106,7 @@ impl PatchStore {
                         let source = TokenSource::discover(
                             Path::new(&config.script.service_account_file),
                             config.script.local,
+                            &config.google,
                             &[auth::SCOPE_CLOUD_PLATFORM],
                         )?;
                         (config.storage_url.clone(), Some(source))

@@ -102,6 +102,8 @@ impl Harness {
             "RECORD_DIR".into(),
             dir.path().join("records").display().to_string(),
         )];
+        // No .gitcookies refresher: tests never touch the real ~/.gitcookies or git config.
+        config.google.home = None;
         Harness {
             ctfe,
             ctfe_addr,

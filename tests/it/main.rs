@@ -7,4 +7,5 @@ mod common;
 mod cli;
 mod faults;
 mod fixtures;
+mod gce;
 mod operations;
