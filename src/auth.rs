@@ -44,11 +44,7 @@ pub enum Error {
         source: reqwest::Error,
     },
     #[error("token endpoint {url} answered {status}: {body:?}")]
-    Status {
-        url: String,
-        status: reqwest::StatusCode,
-        body: String,
-    },
+    Status { url: String, status: reqwest::StatusCode, body: String },
 }
 
 impl Retryable for Error {
@@ -63,20 +59,9 @@ impl Retryable for Error {
 
 /// Where tokens come from.
 enum Source {
-    ServiceAccount {
-        email: String,
-        key: Box<RsaKeyPair>,
-        token_uri: String,
-    },
-    User {
-        client_id: String,
-        client_secret: String,
-        refresh_token: String,
-        token_uri: String,
-    },
-    Metadata {
-        root: Url,
-    },
+    ServiceAccount { email: String, key: Box<RsaKeyPair>, token_uri: String },
+    User { client_id: String, client_secret: String, refresh_token: String, token_uri: String },
+    Metadata { root: Url },
 }
 
 /// A cached OAuth2 access token and when to stop using it.
@@ -144,53 +129,30 @@ impl TokenSource {
         env: &GoogleEnv,
         scopes: &[&str],
     ) -> Result<TokenSource, Error> {
-        let gcloud = env
-            .home
-            .as_ref()
-            .map(|home| home.join(".config/gcloud/application_default_credentials.json"));
-        let candidates = [
-            Some(service_account_file.to_path_buf()),
-            env.credentials_file.clone(),
-            gcloud.filter(|_| local),
-        ];
+        let gcloud = env.home.as_ref().map(|home| home.join(".config/gcloud/application_default_credentials.json"));
+        let candidates =
+            [Some(service_account_file.to_path_buf()), env.credentials_file.clone(), gcloud.filter(|_| local)];
         if let Some(path) = candidates.into_iter().flatten().find(|p| p.is_file()) {
             return TokenSource::from_file(&path, scopes);
         }
         let host = &env.metadata_host;
-        let root = Url::parse(&format!("http://{host}/")).map_err(|e| Error::Invalid {
-            path: "GCE_METADATA_HOST".into(),
-            reason: e.to_string(),
-        })?;
+        let root = Url::parse(&format!("http://{host}/"))
+            .map_err(|e| Error::Invalid { path: "GCE_METADATA_HOST".into(), reason: e.to_string() })?;
         Ok(TokenSource::new(Source::Metadata { root }, scopes))
     }
 
     /// A service-account key or an `authorized_user` file.
     pub fn from_file(path: &Path, scopes: &[&str]) -> Result<TokenSource, Error> {
-        let invalid = |reason: String| Error::Invalid {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let invalid = |reason: String| Error::Invalid { path: path.to_path_buf(), reason };
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
         let file: KeyFile = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        let token_uri = if file.token_uri.is_empty() {
-            DEFAULT_TOKEN_URI.to_owned()
-        } else {
-            file.token_uri
-        };
+        let token_uri = if file.token_uri.is_empty() { DEFAULT_TOKEN_URI.to_owned() } else { file.token_uri };
         let source = match file.kind.as_str() {
             "service_account" => {
-                let der = pem_to_der(&file.private_key)
-                    .ok_or_else(|| invalid("private_key is not a PEM key".into()))?;
-                let key = RsaKeyPair::from_pkcs8(&der)
-                    .map_err(|e| invalid(format!("private_key: {e}")))?;
-                Source::ServiceAccount {
-                    email: file.client_email,
-                    key: Box::new(key),
-                    token_uri,
-                }
+                let der =
+                    pem_to_der(&file.private_key).ok_or_else(|| invalid("private_key is not a PEM key".into()))?;
+                let key = RsaKeyPair::from_pkcs8(&der).map_err(|e| invalid(format!("private_key: {e}")))?;
+                Source::ServiceAccount { email: file.client_email, key: Box::new(key), token_uri }
             }
             "authorized_user" => Source::User {
                 client_id: file.client_id,
@@ -209,16 +171,9 @@ impl TokenSource {
     }
 
     fn new(source: Source, scopes: &[&str]) -> TokenSource {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .expect("the TLS backend initialises");
-        TokenSource {
-            source,
-            scopes: scopes.join(" "),
-            http,
-            cache: Mutex::new(None),
-        }
+        let http =
+            reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("the TLS backend initialises");
+        TokenSource { source, scopes: scopes.join(" "), http, cache: Mutex::new(None) }
     }
 
     /// A valid access token; cancel-safe (a dropped call leaves the cache intact). Callers
@@ -246,40 +201,16 @@ impl TokenSource {
     async fn fetch(&self) -> Result<TokenResponse, Error> {
         let (url, request) = match &self.source {
             Source::Metadata { root } => {
-                let mut url = root
-                    .join("computeMetadata/v1/instance/service-accounts/default/token")
-                    .expect("valid");
-                url.query_pairs_mut()
-                    .append_pair("scopes", &self.scopes.replace(' ', ","));
-                (
-                    url.to_string(),
-                    self.http.get(url).header("Metadata-Flavor", "Google"),
-                )
+                let mut url = root.join("computeMetadata/v1/instance/service-accounts/default/token").expect("valid");
+                url.query_pairs_mut().append_pair("scopes", &self.scopes.replace(' ', ","));
+                (url.to_string(), self.http.get(url).header("Metadata-Flavor", "Google"))
             }
-            Source::ServiceAccount {
-                email,
-                key,
-                token_uri,
-            } => {
-                let assertion = jwt(
-                    email,
-                    key,
-                    token_uri,
-                    &self.scopes,
-                    chrono::Utc::now().timestamp(),
-                );
-                let form = [
-                    ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
-                    ("assertion", &assertion),
-                ];
+            Source::ServiceAccount { email, key, token_uri } => {
+                let assertion = jwt(email, key, token_uri, &self.scopes, chrono::Utc::now().timestamp());
+                let form = [("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"), ("assertion", &assertion)];
                 (token_uri.clone(), self.http.post(token_uri).form(&form))
             }
-            Source::User {
-                client_id,
-                client_secret,
-                refresh_token,
-                token_uri,
-            } => {
+            Source::User { client_id, client_secret, refresh_token, token_uri } => {
                 let form = [
                     ("grant_type", "refresh_token"),
                     ("client_id", client_id.as_str()),
@@ -289,24 +220,14 @@ impl TokenSource {
                 (token_uri.clone(), self.http.post(token_uri).form(&form))
             }
         };
-        let transport = |source| Error::Transport {
-            url: url.clone(),
-            source,
-        };
+        let transport = |source| Error::Transport { url: url.clone(), source };
         let response = request.send().await.map_err(transport)?;
         let status = response.status();
         let body = response.bytes().await.map_err(transport)?;
         if !status.is_success() {
-            return Err(Error::Status {
-                url,
-                status,
-                body: crate::ctfe::client::excerpt(&body),
-            });
+            return Err(Error::Status { url, status, body: crate::ctfe::client::excerpt(&body) });
         }
-        serde_json::from_slice(&body).map_err(|e| Error::Invalid {
-            path: url.into(),
-            reason: e.to_string(),
-        })
+        serde_json::from_slice(&body).map_err(|e| Error::Invalid { path: url.into(), reason: e.to_string() })
     }
 }
 
@@ -317,13 +238,8 @@ fn jwt(email: &str, key: &RsaKeyPair, audience: &str, scopes: &str, now: i64) ->
     let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
     let signing_input = format!("{header}.{claims}");
     let mut signature = vec![0; key.public().modulus_len()];
-    key.sign(
-        &RSA_PKCS1_SHA256,
-        &SystemRandom::new(),
-        signing_input.as_bytes(),
-        &mut signature,
-    )
-    .expect("RSA signing with a valid key cannot fail");
+    key.sign(&RSA_PKCS1_SHA256, &SystemRandom::new(), signing_input.as_bytes(), &mut signature)
+        .expect("RSA signing with a valid key cannot fail");
     format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature))
 }
 
@@ -348,15 +264,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("key.json");
         std::fs::write(&path, r#"{"type":"service_account","private_key":"nope"}"#).unwrap();
-        assert!(matches!(
-            TokenSource::from_file(&path, &[]),
-            Err(Error::Invalid { .. })
-        ));
+        assert!(matches!(TokenSource::from_file(&path, &[]), Err(Error::Invalid { .. })));
         std::fs::write(&path, r#"{"type":"external_account"}"#).unwrap();
-        assert!(matches!(
-            TokenSource::from_file(&path, &[]),
-            Err(Error::Invalid { .. })
-        ));
+        assert!(matches!(TokenSource::from_file(&path, &[]), Err(Error::Invalid { .. })));
     }
 
     use std::process::Command;
@@ -381,11 +291,7 @@ mod tests {
     }
 
     async fn serve(expires_in: u64, delay: Duration) -> (Url, Arc<Endpoint>) {
-        let endpoint = Arc::new(Endpoint {
-            expires_in,
-            delay,
-            ..Endpoint::default()
-        });
+        let endpoint = Arc::new(Endpoint { expires_in, delay, ..Endpoint::default() });
         async fn answer(e: &Endpoint, prefix: &str) -> Json<serde_json::Value> {
             let n = e.calls.fetch_add(1, Ordering::SeqCst) + 1;
             tokio::time::sleep(e.delay).await;
@@ -437,31 +343,9 @@ mod tests {
             assert!(status.success(), "openssl {args:?}");
         };
         let (pem_s, der_s) = (pem.to_str().unwrap(), der.to_str().unwrap());
-        run(&[
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-            pem_s,
-        ]);
-        run(&[
-            "rsa",
-            "-in",
-            pem_s,
-            "-RSAPublicKey_out",
-            "-outform",
-            "DER",
-            "-out",
-            der_s,
-            "-passin",
-            "pass:",
-        ]);
-        (
-            std::fs::read_to_string(pem).unwrap(),
-            std::fs::read(der).unwrap(),
-        )
+        run(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", pem_s]);
+        run(&["rsa", "-in", pem_s, "-RSAPublicKey_out", "-outform", "DER", "-out", der_s, "-passin", "pass:"]);
+        (std::fs::read_to_string(pem).unwrap(), std::fs::read(der).unwrap())
     }
 
     fn decode_part(part: &str) -> serde_json::Value {
@@ -482,66 +366,38 @@ mod tests {
             "token_uri": token_uri,
         });
         std::fs::write(&key_file, key.to_string()).unwrap();
-        let tokens =
-            TokenSource::from_file(&key_file, &[SCOPE_CLOUD_PLATFORM, SCOPE_USERINFO_EMAIL])
-                .unwrap();
+        let tokens = TokenSource::from_file(&key_file, &[SCOPE_CLOUD_PLATFORM, SCOPE_USERINFO_EMAIL]).unwrap();
         let before = chrono::Utc::now().timestamp();
         assert_eq!(tokens.token().await.unwrap().value, "sa-1");
         let after = chrono::Utc::now().timestamp();
 
         let form = endpoint.forms.lock().unwrap()[0].clone();
-        let get = |name: &str| {
-            form.iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-                .unwrap()
-        };
-        assert_eq!(
-            get("grant_type"),
-            "urn:ietf:params:oauth:grant-type:jwt-bearer"
-        );
+        let get = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap();
+        assert_eq!(get("grant_type"), "urn:ietf:params:oauth:grant-type:jwt-bearer");
         let assertion = get("assertion");
         let parts: Vec<&str> = assertion.split('.').collect();
         assert_eq!(parts.len(), 3);
-        assert_eq!(
-            decode_part(parts[0]),
-            serde_json::json!({"alg": "RS256", "typ": "JWT"})
-        );
+        assert_eq!(decode_part(parts[0]), serde_json::json!({"alg": "RS256", "typ": "JWT"}));
         let claims = decode_part(parts[1]);
         assert_eq!(claims["iss"], "poller@test-project.iam.gserviceaccount.com");
-        assert_eq!(
-            claims["scope"],
-            format!("{SCOPE_CLOUD_PLATFORM} {SCOPE_USERINFO_EMAIL}")
-        );
+        assert_eq!(claims["scope"], format!("{SCOPE_CLOUD_PLATFORM} {SCOPE_USERINFO_EMAIL}"));
         assert_eq!(claims["aud"], token_uri.as_str());
         let iat = claims["iat"].as_i64().unwrap();
-        assert!(
-            (before..=after).contains(&iat),
-            "iat {iat} not in [{before}, {after}]"
-        );
+        assert!((before..=after).contains(&iat), "iat {iat} not in [{before}, {after}]");
         assert_eq!(claims["exp"].as_i64().unwrap(), iat + 3600);
 
         let signature = URL_SAFE_NO_PAD.decode(parts[2]).unwrap();
         let verifier = UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, &public);
         let signed = format!("{}.{}", parts[0], parts[1]);
-        verifier
-            .verify(signed.as_bytes(), &signature)
-            .expect("RS256 with the file's key");
-        let forged = format!(
-            "{}.{}",
-            parts[0],
-            URL_SAFE_NO_PAD.encode(br#"{"iss":"someone@else"}"#)
-        );
+        verifier.verify(signed.as_bytes(), &signature).expect("RS256 with the file's key");
+        let forged = format!("{}.{}", parts[0], URL_SAFE_NO_PAD.encode(br#"{"iss":"someone@else"}"#));
         assert!(verifier.verify(forged.as_bytes(), &signature).is_err());
     }
 
     #[tokio::test]
     async fn tokens_are_cached_and_concurrent_callers_share_one_refresh() {
         let (root, endpoint) = serve(3600, Duration::from_millis(200)).await;
-        let tokens = Arc::new(TokenSource::metadata(
-            root,
-            &[SCOPE_USERINFO_EMAIL, SCOPE_GERRIT],
-        ));
+        let tokens = Arc::new(TokenSource::metadata(root, &[SCOPE_USERINFO_EMAIL, SCOPE_GERRIT]));
         let callers: Vec<_> = (0..10)
             .map(|_| {
                 let tokens = Arc::clone(&tokens);
@@ -552,15 +408,8 @@ mod tests {
             assert_eq!(caller.await.unwrap(), "meta-1");
         }
         assert_eq!(tokens.token().await.unwrap().value, "meta-1");
-        assert_eq!(
-            endpoint.calls.load(Ordering::SeqCst),
-            1,
-            "one refresh for eleven callers"
-        );
-        assert_eq!(
-            endpoint.scopes.lock().unwrap()[0],
-            format!("{SCOPE_USERINFO_EMAIL},{SCOPE_GERRIT}")
-        );
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 1, "one refresh for eleven callers");
+        assert_eq!(endpoint.scopes.lock().unwrap()[0], format!("{SCOPE_USERINFO_EMAIL},{SCOPE_GERRIT}"));
     }
 
     #[tokio::test]
@@ -572,9 +421,7 @@ mod tests {
         assert_eq!(first.value, "meta-1");
         assert_eq!(first.expires_in, Duration::from_secs(2));
         let expiry_gap = first.expiry - chrono::Utc::now();
-        assert!(
-            expiry_gap <= chrono::TimeDelta::seconds(2) && expiry_gap > chrono::TimeDelta::zero()
-        );
+        assert!(expiry_gap <= chrono::TimeDelta::seconds(2) && expiry_gap > chrono::TimeDelta::zero());
         let deadline = fetched + Duration::from_secs(10);
         let second = loop {
             let t = tokens.token().await.unwrap();
@@ -586,14 +433,8 @@ mod tests {
         };
         let refreshed_after = fetched.elapsed();
         assert_eq!(second.value, "meta-2");
-        assert!(
-            refreshed_after >= Duration::from_millis(900),
-            "too early: {refreshed_after:?}"
-        );
-        assert!(
-            refreshed_after < Duration::from_secs(2),
-            "not before expiry: {refreshed_after:?}"
-        );
+        assert!(refreshed_after >= Duration::from_millis(900), "too early: {refreshed_after:?}");
+        assert!(refreshed_after < Duration::from_secs(2), "not before expiry: {refreshed_after:?}");
         assert_eq!(endpoint.calls.load(Ordering::SeqCst), 2);
     }
 }

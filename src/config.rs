@@ -32,19 +32,11 @@ pub enum Error {
     #[error("config file {path} is invalid: {message}")]
     Toml { path: PathBuf, message: String },
     #[error("invalid value {value:?} for {option}: {reason}")]
-    Invalid {
-        option: String,
-        value: String,
-        reason: String,
-    },
+    Invalid { option: String, value: String, reason: String },
 }
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "ct-poller",
-    version,
-    about = "Cluster Telemetry poller: runs CTFE's pending tasks"
-)]
+#[command(name = "ct-poller", version, about = "Cluster Telemetry poller: runs CTFE's pending tasks")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,
@@ -80,31 +72,16 @@ struct Options {
     #[arg(long, global = true, env = "CT_POLLER_CONFIG")]
     config: Option<PathBuf>,
     /// CTFE internal root; endpoint paths are appended [default: http://ctfe:9000/]
-    #[arg(
-        long,
-        global = true,
-        env = "CT_POLLER_CTFE_URL",
-        alias = "ctfe_internal_url"
-    )]
+    #[arg(long, global = true, env = "CT_POLLER_CTFE_URL", alias = "ctfe_internal_url")]
     ctfe_url: Option<String>,
     /// Time between polls; the first poll is immediate [default: 30s]
-    #[arg(
-        long,
-        global = true,
-        env = "CT_POLLER_POLL_INTERVAL",
-        alias = "poll_interval"
-    )]
+    #[arg(long, global = true, env = "CT_POLLER_POLL_INTERVAL", alias = "poll_interval")]
     poll_interval: Option<String>,
     /// Timeout of every CTFE request [default: 30s]
     #[arg(long, global = true, env = "CT_POLLER_CTFE_TIMEOUT")]
     ctfe_timeout: Option<String>,
     /// Address of /metrics, /healthz, /readyz and the status page [default: 0.0.0.0:20000]
-    #[arg(
-        long,
-        global = true,
-        env = "CT_POLLER_METRICS_ADDR",
-        alias = "prom_port"
-    )]
+    #[arg(long, global = true, env = "CT_POLLER_METRICS_ADDR", alias = "prom_port")]
     metrics_addr: Option<String>,
     /// Where run files are written; children get TMPDIR set to it [default: $TMPDIR or /tmp]
     #[arg(long, global = true, env = "CT_POLLER_WORK_DIR")]
@@ -123,39 +100,19 @@ struct Options {
           default_missing_value = "true")]
     local: Option<String>,
     /// Forwarded to scripts as --service_account_file [default: /var/secrets/google/key.json]
-    #[arg(
-        long,
-        global = true,
-        env = "CT_POLLER_SERVICE_ACCOUNT_FILE",
-        alias = "service_account_file"
-    )]
+    #[arg(long, global = true, env = "CT_POLLER_SERVICE_ACCOUNT_FILE", alias = "service_account_file")]
     service_account_file: Option<String>,
     /// Forwarded as --email_client_secret_file [default: /etc/ct-email-secrets/client_secret.json]
-    #[arg(
-        long,
-        global = true,
-        env = "CT_POLLER_EMAIL_CLIENT_SECRET_FILE",
-        alias = "email_client_secret_file"
-    )]
+    #[arg(long, global = true, env = "CT_POLLER_EMAIL_CLIENT_SECRET_FILE", alias = "email_client_secret_file")]
     email_client_secret_file: Option<String>,
     /// Forwarded as --email_token_cache_file [default: /etc/ct-email-secrets/client_token.json]
-    #[arg(
-        long,
-        global = true,
-        env = "CT_POLLER_EMAIL_TOKEN_CACHE_FILE",
-        alias = "email_token_cache_file"
-    )]
+    #[arg(long, global = true, env = "CT_POLLER_EMAIL_TOKEN_CACHE_FILE", alias = "email_token_cache_file")]
     email_token_cache_file: Option<String>,
     /// Public CTFE root, for links on the status page [default: https://ct.skia.org/]
     #[arg(long, global = true, env = "CT_POLLER_WEBAPP_URL", alias = "ctfe_url")]
     webapp_url: Option<String>,
     /// E-mail written into the git config by the .gitcookies refresher
-    #[arg(
-        long,
-        global = true,
-        env = "CT_POLLER_SERVICE_ACCOUNT",
-        alias = "service_account"
-    )]
+    #[arg(long, global = true, env = "CT_POLLER_SERVICE_ACCOUNT", alias = "service_account")]
     service_account: Option<String>,
     /// gce or none [default: gce, none with --local]
     #[arg(long, global = true, env = "CT_POLLER_AUTOSCALER")]
@@ -272,15 +229,8 @@ struct FileAutoscaler {
 #[derive(Debug)]
 pub enum Command {
     Run(Config),
-    Demo {
-        config: Config,
-        keep_running: bool,
-        metrics_addr_given: bool,
-    },
-    DevCtfe {
-        addr: SocketAddr,
-        tasks: Option<PathBuf>,
-    },
+    Demo { config: Config, keep_running: bool, metrics_addr_given: bool },
+    DevCtfe { addr: SocketAddr, tasks: Option<PathBuf> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -392,23 +342,15 @@ impl Config {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
-        let layers = Layers {
-            cli: &options,
-            file: &file,
-        };
+        let layers = Layers { cli: &options, file: &file };
         let demo = matches!(cli.command, Some(Cmd::Demo { .. }));
         let config = layers.resolve()?;
         Ok(match cli.command {
             None | Some(Cmd::Run) => Command::Run(config),
             Some(Cmd::Demo { keep_running }) => {
-                let metrics_addr_given =
-                    options.metrics_addr.is_some() || file.metrics_addr.is_some();
+                let metrics_addr_given = options.metrics_addr.is_some() || file.metrics_addr.is_some();
                 debug_assert!(demo);
-                Command::Demo {
-                    config,
-                    keep_running,
-                    metrics_addr_given,
-                }
+                Command::Demo { config, keep_running, metrics_addr_given }
             }
             Some(Cmd::DevCtfe { addr, tasks }) => Command::DevCtfe { addr, tasks },
         })
@@ -416,21 +358,14 @@ impl Config {
 
     /// Defaults only (tests and the demo start from here).
     pub fn defaults() -> Config {
-        Layers {
-            cli: &Options::default(),
-            file: &FileConfig::default(),
-        }
-        .resolve()
-        .expect("built-in defaults are valid")
+        Layers { cli: &Options::default(), file: &FileConfig::default() }
+            .resolve()
+            .expect("built-in defaults are valid")
     }
 
     /// The time limit of one task of `kind`, if any.
     pub fn timeout_for(&self, kind: Kind) -> Option<Duration> {
-        self.timeouts
-            .get(&kind)
-            .copied()
-            .or(self.task_timeout)
-            .filter(|d| !d.is_zero())
+        self.timeouts.get(&kind).copied().or(self.task_timeout).filter(|d| !d.is_zero())
     }
 }
 
@@ -460,14 +395,8 @@ fn go_style_args<I: IntoIterator<Item = OsString>>(args: I) -> Vec<OsString> {
 }
 
 fn load_file(path: &PathBuf) -> Result<FileConfig, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-        path: path.clone(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|e| Error::Toml {
-        path: path.clone(),
-        message: e.to_string(),
-    })
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.clone(), source })?;
+    toml::from_str(&text).map_err(|e| Error::Toml { path: path.clone(), message: e.to_string() })
 }
 
 struct Layers<'a> {
@@ -476,11 +405,7 @@ struct Layers<'a> {
 }
 
 fn invalid(option: &str, value: impl Into<String>, reason: impl ToString) -> Error {
-    Error::Invalid {
-        option: option.to_owned(),
-        value: value.into(),
-        reason: reason.to_string(),
-    }
+    Error::Invalid { option: option.to_owned(), value: value.into(), reason: reason.to_string() }
 }
 
 /// `--flag` (and its TOML key) as named in error messages.
@@ -494,90 +419,49 @@ impl Layers<'_> {
         let local = pick_bool("local", c.local.as_deref(), f.local)?.unwrap_or(false);
         let dry_run = pick_bool("dry_run", c.dry_run.as_deref(), f.dry_run)?.unwrap_or(false);
         let text = |cli: &Option<String>, file: &Option<String>, default: &str| {
-            cli.clone()
-                .or_else(|| file.clone())
-                .unwrap_or_else(|| default.to_owned())
+            cli.clone().or_else(|| file.clone()).unwrap_or_else(|| default.to_owned())
         };
         let a = &f.autoscaler;
 
-        let autoscaler_kind =
-            match text(&c.autoscaler, &a.kind, if local { "none" } else { "gce" }).as_str() {
-                "gce" => AutoscalerKind::Gce,
-                "none" => AutoscalerKind::None,
-                other => return Err(invalid(&flag("autoscaler"), other, "expected gce or none")),
-            };
+        let autoscaler_kind = match text(&c.autoscaler, &a.kind, if local { "none" } else { "gce" }).as_str() {
+            "gce" => AutoscalerKind::Gce,
+            "none" => AutoscalerKind::None,
+            other => return Err(invalid(&flag("autoscaler"), other, "expected gce or none")),
+        };
         let swarming_api = match text(&c.swarming_api, &a.swarming_api, "v2").as_str() {
             "v1" => SwarmingApi::V1,
             "v2" => SwarmingApi::V2,
             other => return Err(invalid(&flag("swarming_api"), other, "expected v1 or v2")),
         };
-        let count = |cli: &Option<String>,
-                     file: Option<u64>,
-                     name: &str,
-                     default: u64|
-         -> Result<u64, Error> {
+        let count = |cli: &Option<String>, file: Option<u64>, name: &str, default: u64| -> Result<u64, Error> {
             match cli {
-                Some(s) => s
-                    .trim()
-                    .parse::<u64>()
-                    .map_err(|e| invalid(&flag(name), s.as_str(), e)),
+                Some(s) => s.trim().parse::<u64>().map_err(|e| invalid(&flag(name), s.as_str(), e)),
                 None => Ok(file.unwrap_or(default)),
             }
         };
-        let instance_count = count(
-            &c.gce_instance_count,
-            a.instance_count,
-            "gce_instance_count",
-            500,
-        )?;
+        let instance_count = count(&c.gce_instance_count, a.instance_count, "gce_instance_count", 500)?;
         let instance_count = u32::try_from(instance_count)
             .map_err(|e| invalid(&flag("gce_instance_count"), instance_count.to_string(), e))?;
-        let concurrency = count(
-            &c.autoscaler_concurrency,
-            a.concurrency,
-            "autoscaler_concurrency",
-            50,
-        )?;
+        let concurrency = count(&c.autoscaler_concurrency, a.concurrency, "autoscaler_concurrency", 50)?;
         if concurrency == 0 {
-            return Err(invalid(
-                &flag("autoscaler_concurrency"),
-                "0",
-                "must be at least 1",
-            ));
+            return Err(invalid(&flag("autoscaler_concurrency"), "0", "must be at least 1"));
         }
 
         let mut timeouts = HashMap::new();
         for (name, value) in &f.timeouts {
-            let kind = Kind::from_name(name).ok_or_else(|| {
-                invalid(
-                    "[timeouts] key",
-                    name.as_str(),
-                    "not a task name such as ChromiumPerf",
-                )
-            })?;
+            let kind = Kind::from_name(name)
+                .ok_or_else(|| invalid("[timeouts] key", name.as_str(), "not a task name such as ChromiumPerf"))?;
             timeouts.insert(kind, parse_duration(&format!("[timeouts] {name}"), value)?);
         }
 
-        let work_dir = c
-            .work_dir
-            .clone()
-            .or_else(|| f.work_dir.clone())
-            .unwrap_or_else(default_work_dir);
+        let work_dir = c.work_dir.clone().or_else(|| f.work_dir.clone()).unwrap_or_else(default_work_dir);
         if !work_dir.is_dir() {
-            return Err(invalid(
-                &flag("work_dir"),
-                work_dir.display().to_string(),
-                "not an existing directory",
-            ));
+            return Err(invalid(&flag("work_dir"), work_dir.display().to_string(), "not an existing directory"));
         }
         let scripts_dir = c.scripts_dir.clone().or_else(|| f.scripts_dir.clone());
         if let Some(dir) = &scripts_dir {
             if !dir.is_dir() {
-                return Err(invalid(
-                    &flag("scripts_dir"),
-                    dir.display().to_string(),
-                    "not an existing directory",
-                ));
+                return Err(invalid(&flag("scripts_dir"), dir.display().to_string(), "not an existing directory"));
             }
         }
 
@@ -587,58 +471,30 @@ impl Layers<'_> {
                 usize::try_from(*n).map_err(|e| invalid(&flag("output_limit"), n.to_string(), e))?
             }
             (None, Some(toml::Value::String(s))) => parse_size(&flag("output_limit"), s)?,
-            (None, Some(other)) => {
-                return Err(invalid(
-                    &flag("output_limit"),
-                    other.to_string(),
-                    "expected a size",
-                ))
-            }
+            (None, Some(other)) => return Err(invalid(&flag("output_limit"), other.to_string(), "expected a size")),
             (None, None) => 4 << 20,
         };
         if output_limit < 1024 {
-            return Err(invalid(
-                &flag("output_limit"),
-                output_limit.to_string(),
-                "must be at least 1KiB",
-            ));
+            return Err(invalid(&flag("output_limit"), output_limit.to_string(), "must be at least 1KiB"));
         }
 
-        let poll_interval = parse_duration(
-            &flag("poll_interval"),
-            &text(&c.poll_interval, &f.poll_interval, "30s"),
-        )?;
-        let ctfe_timeout = parse_duration(
-            &flag("ctfe_timeout"),
-            &text(&c.ctfe_timeout, &f.ctfe_timeout, "30s"),
-        )?;
-        for (name, d) in [
-            ("poll_interval", poll_interval),
-            ("ctfe_timeout", ctfe_timeout),
-        ] {
+        let poll_interval = parse_duration(&flag("poll_interval"), &text(&c.poll_interval, &f.poll_interval, "30s"))?;
+        let ctfe_timeout = parse_duration(&flag("ctfe_timeout"), &text(&c.ctfe_timeout, &f.ctfe_timeout, "30s"))?;
+        for (name, d) in [("poll_interval", poll_interval), ("ctfe_timeout", ctfe_timeout)] {
             if d.is_zero() {
                 return Err(invalid(&flag(name), "0", "must be positive"));
             }
         }
         let max_concurrent = match &c.max_concurrent_tasks {
-            Some(s) => s
-                .trim()
-                .parse::<usize>()
-                .map_err(|e| invalid(&flag("max_concurrent_tasks"), s.as_str(), e))?,
+            Some(s) => s.trim().parse::<usize>().map_err(|e| invalid(&flag("max_concurrent_tasks"), s.as_str(), e))?,
             None => f.max_concurrent_tasks.unwrap_or(0) as usize,
         };
 
         Ok(Config {
-            ctfe_url: parse_root(
-                &flag("ctfe_url"),
-                &text(&c.ctfe_url, &f.ctfe_url, "http://ctfe:9000/"),
-            )?,
+            ctfe_url: parse_root(&flag("ctfe_url"), &text(&c.ctfe_url, &f.ctfe_url, "http://ctfe:9000/"))?,
             poll_interval,
             ctfe_timeout,
-            metrics_addr: parse_addr(
-                &flag("metrics_addr"),
-                &text(&c.metrics_addr, &f.metrics_addr, "0.0.0.0:20000"),
-            )?,
+            metrics_addr: parse_addr(&flag("metrics_addr"), &text(&c.metrics_addr, &f.metrics_addr, "0.0.0.0:20000"))?,
             work_dir,
             scripts_dir,
             patch_store: parse_store(
@@ -646,24 +502,14 @@ impl Layers<'_> {
                 &text(
                     &c.patch_store,
                     &f.patch_store,
-                    if local {
-                        "gs://cluster-telemetry-test"
-                    } else {
-                        "gs://cluster-telemetry"
-                    },
+                    if local { "gs://cluster-telemetry-test" } else { "gs://cluster-telemetry" },
                 ),
             )?,
             storage_url: parse_root(
                 &flag("storage_url"),
-                &text(
-                    &c.storage_url,
-                    &f.storage_url,
-                    "https://storage.googleapis.com",
-                ),
+                &text(&c.storage_url, &f.storage_url, "https://storage.googleapis.com"),
             )?,
-            storage_emulator_host: std::env::var("STORAGE_EMULATOR_HOST")
-                .ok()
-                .filter(|h| !h.is_empty()),
+            storage_emulator_host: std::env::var("STORAGE_EMULATOR_HOST").ok().filter(|h| !h.is_empty()),
             google: GoogleEnv::from_env(),
             script: ScriptSettings {
                 email_client_secret_file: text(
@@ -683,10 +529,7 @@ impl Layers<'_> {
                 ),
                 local,
             },
-            webapp_url: parse_root(
-                &flag("webapp_url"),
-                &text(&c.webapp_url, &f.webapp_url, "https://ct.skia.org/"),
-            )?,
+            webapp_url: parse_root(&flag("webapp_url"), &text(&c.webapp_url, &f.webapp_url, "https://ct.skia.org/"))?,
             service_account: text(&c.service_account, &f.service_account, ""),
             autoscaler: AutoscalerConfig {
                 kind: autoscaler_kind,
@@ -696,19 +539,11 @@ impl Layers<'_> {
                 instance_count,
                 compute_url: parse_root(
                     &flag("compute_url"),
-                    &text(
-                        &c.compute_url,
-                        &a.compute_url,
-                        "https://compute.googleapis.com/compute/v1/",
-                    ),
+                    &text(&c.compute_url, &a.compute_url, "https://compute.googleapis.com/compute/v1/"),
                 )?,
                 swarming_url: parse_root(
                     &flag("swarming_url"),
-                    &text(
-                        &c.swarming_url,
-                        &a.swarming_url,
-                        "https://chrome-swarming.appspot.com/",
-                    ),
+                    &text(&c.swarming_url, &a.swarming_url, "https://chrome-swarming.appspot.com/"),
                 )?,
                 swarming_api,
                 concurrency: concurrency as usize,
@@ -719,16 +554,10 @@ impl Layers<'_> {
                 &text(&c.register_timeout, &f.register_timeout, "30m"),
             )?,
             max_concurrent_tasks: max_concurrent,
-            task_timeout: Some(parse_duration(
-                &flag("task_timeout"),
-                &text(&c.task_timeout, &f.task_timeout, "0"),
-            )?)
-            .filter(|d| !d.is_zero()),
+            task_timeout: Some(parse_duration(&flag("task_timeout"), &text(&c.task_timeout, &f.task_timeout, "0"))?)
+                .filter(|d| !d.is_zero()),
             timeouts,
-            drain_timeout: parse_duration(
-                &flag("drain_timeout"),
-                &text(&c.drain_timeout, &f.drain_timeout, "1h"),
-            )?,
+            drain_timeout: parse_duration(&flag("drain_timeout"), &text(&c.drain_timeout, &f.drain_timeout, "1h"))?,
             output_limit,
             dry_run,
             log_format: match text(&c.log_format, &f.log_format, "text").as_str() {
@@ -754,9 +583,7 @@ fn pick_bool(name: &str, cli: Option<&str>, file: Option<bool>) -> Result<Option
 
 fn default_work_dir() -> PathBuf {
     // Go's os.TempDir(): the master scripts look for their files there.
-    std::env::var_os("TMPDIR")
-        .filter(|v| !v.is_empty())
-        .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
+    std::env::var_os("TMPDIR").filter(|v| !v.is_empty()).map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
 }
 
 /// A humantime duration (`30s`, `24h`, `1h 30m`); a bare `0` means zero.
@@ -765,8 +592,7 @@ pub fn parse_duration(option: &str, value: &str) -> Result<Duration, Error> {
     if v == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(v)
-        .map_err(|e| invalid(option, value, format!("{e} (use e.g. 30s, 10m, 24h)")))
+    humantime::parse_duration(v).map_err(|e| invalid(option, value, format!("{e} (use e.g. 30s, 10m, 24h)")))
 }
 
 /// Bytes with an optional binary unit: `4MiB`, `512KiB`, `1GiB`, `4096`.
@@ -779,20 +605,10 @@ pub fn parse_size(option: &str, value: &str) -> Result<usize, Error> {
         "K" | "KiB" | "k" => 1 << 10,
         "M" | "MiB" => 1 << 20,
         "G" | "GiB" => 1 << 30,
-        _ => {
-            return Err(invalid(
-                option,
-                value,
-                "unknown unit (use B, KiB, MiB or GiB)",
-            ))
-        }
+        _ => return Err(invalid(option, value, "unknown unit (use B, KiB, MiB or GiB)")),
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| invalid(option, value, "expected a size such as 4MiB"))?;
-    n.checked_mul(multiplier)
-        .and_then(|b| usize::try_from(b).ok())
-        .ok_or_else(|| invalid(option, value, "too large"))
+    let n: u64 = digits.parse().map_err(|_| invalid(option, value, "expected a size such as 4MiB"))?;
+    n.checked_mul(multiplier).and_then(|b| usize::try_from(b).ok()).ok_or_else(|| invalid(option, value, "too large"))
 }
 
 /// `host:port`, `:port` (all interfaces, as Go's `--prom_port=:20000`), or `port`.
@@ -805,19 +621,14 @@ fn parse_addr(option: &str, value: &str) -> Result<SocketAddr, Error> {
     } else {
         v.replace("localhost:", "127.0.0.1:")
     };
-    full.parse()
-        .map_err(|_| invalid(option, value, "expected HOST:PORT or :PORT"))
+    full.parse().map_err(|_| invalid(option, value, "expected HOST:PORT or :PORT"))
 }
 
 /// An http(s) root URL, normalised to end in `/` so that joining keeps its path.
 fn parse_root(option: &str, value: &str) -> Result<Url, Error> {
     let mut url = Url::parse(value.trim()).map_err(|e| invalid(option, value, e))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(invalid(
-            option,
-            value,
-            "expected an http:// or https:// URL",
-        ));
+        return Err(invalid(option, value, "expected an http:// or https:// URL"));
     }
     if !url.path().ends_with('/') {
         let path = format!("{}/", url.path());
@@ -828,8 +639,7 @@ fn parse_root(option: &str, value: &str) -> Result<Url, Error> {
 
 /// Joins a root from [`parse_root`] with a relative endpoint path.
 pub fn join(root: &Url, path: &str) -> Url {
-    root.join(path.trim_start_matches('/'))
-        .expect("a relative path joins onto an http root")
+    root.join(path.trim_start_matches('/')).expect("a relative path joins onto an http root")
 }
 
 fn parse_store(option: &str, value: &str) -> Result<PatchStoreUrl, Error> {
@@ -837,32 +647,20 @@ fn parse_store(option: &str, value: &str) -> Result<PatchStoreUrl, Error> {
     if let Some(bucket) = v.strip_prefix("gs://") {
         let bucket = bucket.trim_end_matches('/');
         let valid = !bucket.is_empty()
-            && bucket
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
+            && bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
         if !valid {
             return Err(invalid(option, value, "expected gs://BUCKET"));
         }
-        return Ok(PatchStoreUrl::Gcs {
-            bucket: bucket.to_owned(),
-        });
+        return Ok(PatchStoreUrl::Gcs { bucket: bucket.to_owned() });
     }
     if let Some(dir) = v.strip_prefix("file://") {
         let dir = PathBuf::from(dir);
         if !dir.is_absolute() || !dir.is_dir() {
-            return Err(invalid(
-                option,
-                value,
-                "expected file:///DIR naming an existing directory",
-            ));
+            return Err(invalid(option, value, "expected file:///DIR naming an existing directory"));
         }
         return Ok(PatchStoreUrl::File(dir));
     }
-    Err(invalid(
-        option,
-        value,
-        "expected gs://BUCKET or file:///DIR",
-    ))
+    Err(invalid(option, value, "expected gs://BUCKET or file:///DIR"))
 }
 
 #[cfg(test)]
@@ -870,11 +668,7 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Command, Error> {
-        Config::from_args(
-            std::iter::once("ct-poller")
-                .chain(args.iter().copied())
-                .map(OsString::from),
-        )
+        Config::from_args(std::iter::once("ct-poller").chain(args.iter().copied()).map(OsString::from))
     }
 
     fn run(args: &[&str]) -> Config {
@@ -890,21 +684,13 @@ mod tests {
         assert_eq!(c.ctfe_url.as_str(), "http://ctfe:9000/");
         assert_eq!(c.poll_interval, Duration::from_secs(30));
         assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:20000");
-        assert_eq!(
-            c.patch_store,
-            PatchStoreUrl::Gcs {
-                bucket: "cluster-telemetry".into()
-            }
-        );
+        assert_eq!(c.patch_store, PatchStoreUrl::Gcs { bucket: "cluster-telemetry".into() });
         assert_eq!(c.autoscaler.kind, AutoscalerKind::Gce);
         assert_eq!(c.output_limit, 4 << 20);
         assert_eq!(c.drain_timeout, Duration::from_secs(3600));
         assert_eq!(c.register_timeout, Duration::from_secs(1800));
         assert_eq!(c.task_timeout, None);
-        assert_eq!(
-            c.script.service_account_file,
-            "/var/secrets/google/key.json"
-        );
+        assert_eq!(c.script.service_account_file, "/var/secrets/google/key.json");
     }
 
     #[test]
@@ -925,12 +711,7 @@ mod tests {
         assert_eq!(c.webapp_url.as_str(), "https://pub/");
         assert!(c.script.local);
         assert_eq!(c.autoscaler.kind, AutoscalerKind::None);
-        assert_eq!(
-            c.patch_store,
-            PatchStoreUrl::Gcs {
-                bucket: "cluster-telemetry-test".into()
-            }
-        );
+        assert_eq!(c.patch_store, PatchStoreUrl::Gcs { bucket: "cluster-telemetry-test".into() });
         assert_eq!(c.script.service_account_file, "/k.json");
         assert!(!run(&["--local=false"]).script.local);
         assert!(!run(&["-v", "3", "-logtostderr"]).script.local);
@@ -951,15 +732,9 @@ mod tests {
         assert_eq!(c.output_limit, 1 << 20);
         assert_eq!(c.autoscaler.kind, AutoscalerKind::None);
         assert_eq!(c.autoscaler.instance_count, 3);
-        assert_eq!(
-            c.timeout_for(Kind::ChromiumPerf),
-            Some(Duration::from_secs(48 * 3600))
-        );
+        assert_eq!(c.timeout_for(Kind::ChromiumPerf), Some(Duration::from_secs(48 * 3600)));
         assert_eq!(c.timeout_for(Kind::LuaScript), None);
-        assert_eq!(
-            run(&["--config", p, "--poll-interval", "9s"]).poll_interval,
-            Duration::from_secs(9)
-        );
+        assert_eq!(run(&["--config", p, "--poll-interval", "9s"]).poll_interval, Duration::from_secs(9));
     }
 
     #[test]
@@ -988,36 +763,21 @@ mod tests {
         assert_eq!(parse_size("x", "100").unwrap(), 100);
         assert!(parse_size("x", "MiB").is_err());
         assert_eq!(parse_duration("x", "0").unwrap(), Duration::ZERO);
-        assert_eq!(
-            parse_duration("x", "1h 30m").unwrap(),
-            Duration::from_secs(5400)
-        );
+        assert_eq!(parse_duration("x", "1h 30m").unwrap(), Duration::from_secs(5400));
     }
 
     #[test]
     fn roots_join_with_or_without_slash() {
         for root in ["http://h:1/compute/v1", "http://h:1/compute/v1/"] {
             let url = parse_root("x", root).unwrap();
-            assert_eq!(
-                join(&url, "projects/p").as_str(),
-                "http://h:1/compute/v1/projects/p"
-            );
-            assert_eq!(
-                join(&url, "/projects/p").as_str(),
-                "http://h:1/compute/v1/projects/p"
-            );
+            assert_eq!(join(&url, "projects/p").as_str(), "http://h:1/compute/v1/projects/p");
+            assert_eq!(join(&url, "/projects/p").as_str(), "http://h:1/compute/v1/projects/p");
         }
     }
 
     #[test]
     fn subcommands() {
-        assert!(matches!(
-            parse(&["demo", "--keep-running"]).unwrap(),
-            Command::Demo {
-                keep_running: true,
-                ..
-            }
-        ));
+        assert!(matches!(parse(&["demo", "--keep-running"]).unwrap(), Command::Demo { keep_running: true, .. }));
         match parse(&["dev-ctfe", "--addr", "127.0.0.1:0"]).unwrap() {
             Command::DevCtfe { addr, tasks } => {
                 assert_eq!(addr.port(), 0);

@@ -73,28 +73,18 @@ pub async fn run(
     if !python3_available() {
         return Err(Error::NoPython);
     }
-    let root = tempfile::Builder::new()
-        .prefix("ct-poller-demo-")
-        .tempdir()
-        .map_err(Error::Files)?;
-    let (scripts, patches, work) = (
-        root.path().join("scripts"),
-        root.path().join("store"),
-        root.path().join("work"),
-    );
+    let root = tempfile::Builder::new().prefix("ct-poller-demo-").tempdir().map_err(Error::Files)?;
+    let (scripts, patches, work) = (root.path().join("scripts"), root.path().join("store"), root.path().join("work"));
     write_all(&scripts, SCRIPTS, 0o755).map_err(Error::Files)?;
     write_all(&patches.join("patches"), PATCHES, 0o644).map_err(Error::Files)?;
     std::fs::create_dir_all(&work).map_err(Error::Files)?;
 
     let ctfe = DevCtfe::new();
     for (name, envelope) in TASKS {
-        ctfe.enqueue(envelope)
-            .unwrap_or_else(|e| panic!("embedded task {name} is invalid: {e}"));
+        ctfe.enqueue(envelope).unwrap_or_else(|e| panic!("embedded task {name} is invalid: {e}"));
     }
     let ctfe_stop = CancellationToken::new();
-    let ctfe_addr = ctfe
-        .spawn(SocketAddr::from(([127, 0, 0, 1], 0)), ctfe_stop.clone())
-        .await?;
+    let ctfe_addr = ctfe.spawn(SocketAddr::from(([127, 0, 0, 1], 0)), ctfe_stop.clone()).await?;
 
     config.ctfe_url = format!("http://{ctfe_addr}/").parse().expect("a valid URL");
     config.poll_interval = Duration::from_secs(1);
@@ -109,10 +99,7 @@ pub async fn run(
 
     let daemon_shutdown = Shutdown::new();
     let daemon = crate::start(config, daemon_shutdown.clone()).await?;
-    println!(
-        "ct-poller demo: development CTFE at http://{ctfe_addr}/ with {} sample tasks",
-        TASKS.len()
-    );
+    println!("ct-poller demo: development CTFE at http://{ctfe_addr}/ with {} sample tasks", TASKS.len());
     println!("ct-poller demo: status page at http://{}/", daemon.addr);
 
     let poller = std::sync::Arc::clone(&daemon.poller);
@@ -134,31 +121,15 @@ pub async fn run(
         }
         for done in &snapshot.finished {
             if reported.insert(done.task_id.clone(), done.outcome) != Some(done.outcome) {
-                let why = if done.reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", done.reason)
-                };
-                println!(
-                    "  {:<9} {:<28} after {:.1}s{why}",
-                    done.outcome, done.task_id, done.duration_seconds
-                );
+                let why = if done.reason.is_empty() { String::new() } else { format!(": {}", done.reason) };
+                println!("  {:<9} {:<28} after {:.1}s{why}", done.outcome, done.task_id, done.duration_seconds);
             }
         }
-        let drained = ctfe.pending_count() == 0
-            && poller.picked_up.is_empty()
-            && snapshot.finished.len() >= TASKS.len();
+        let drained =
+            ctfe.pending_count() == 0 && poller.picked_up.is_empty() && snapshot.finished.len() >= TASKS.len();
         if drained && !keep_running {
-            let failed = snapshot
-                .finished
-                .iter()
-                .filter(|t| t.outcome != "succeeded")
-                .count();
-            let reports = ctfe
-                .log()
-                .iter()
-                .filter(|r| r.path.starts_with("/_/update_"))
-                .count();
+            let failed = snapshot.finished.iter().filter(|t| t.outcome != "succeeded").count();
+            let reports = ctfe.log().iter().filter(|r| r.path.starts_with("/_/update_")).count();
             println!(
                 "ct-poller demo: queue drained: {} tasks, {} failed (reported to CTFE), {} update requests seen by CTFE",
                 snapshot.finished.len(),

@@ -57,19 +57,11 @@ pub struct RunFiles {
 impl RunFiles {
     /// Writes `<work_dir>/<run_id><suffix>` with mode 0600, refusing to follow symlinks
     /// (the work dir may be a shared /tmp). On error, what was written is removed.
-    pub fn write(
-        work_dir: &Path,
-        run_id: &str,
-        files: &[(&str, Vec<u8>)],
-    ) -> Result<RunFiles, Error> {
+    pub fn write(work_dir: &Path, run_id: &str, files: &[(&str, Vec<u8>)]) -> Result<RunFiles, Error> {
         let mut written = RunFiles::default();
         for (suffix, content) in files {
             let name = format!("{run_id}{suffix}");
-            let plain = !name.is_empty()
-                && !name.contains('/')
-                && name != "."
-                && name != ".."
-                && !name.contains('\0');
+            let plain = !name.is_empty() && !name.contains('/') && name != "." && name != ".." && !name.contains('\0');
             if !plain {
                 return Err(Error::UnsafePath { path: name });
             }
@@ -87,10 +79,7 @@ impl RunFiles {
             };
             // Remember it before writing so that a half-written file is removed too.
             written.paths.push(path.clone());
-            write().map_err(|source| Error::Write {
-                path: path.clone(),
-                source,
-            })?;
+            write().map_err(|source| Error::Write { path: path.clone(), source })?;
         }
         Ok(written)
     }
@@ -162,11 +151,7 @@ pub fn program(scripts_dir: Option<&Path>, script: &str) -> PathBuf {
 /// Runs the invocation to its end. `cancel` (drain deadline, second signal) stops it
 /// like a timeout does. Cancel-safe only in the sense that dropping the future kills the
 /// leader (`kill_on_drop`); callers await it to completion.
-pub async fn run(
-    inv: &Invocation,
-    cancel: &CancellationToken,
-    recent: RecentLines,
-) -> Result<Finished, Error> {
+pub async fn run(inv: &Invocation, cancel: &CancellationToken, recent: RecentLines) -> Result<Finished, Error> {
     let (tx, rx) = tokio::net::unix::pipe::pipe().map_err(Error::Pipe)?;
     let write_end = tx.into_blocking_fd().map_err(Error::Pipe)?;
     let stderr = write_end.try_clone().map_err(Error::Pipe)?;
@@ -187,15 +172,11 @@ pub async fn run(
         unsafe {
             command.pre_exec(raise_oom_score);
         }
-        command.spawn().map_err(|source| Error::Spawn {
-            script: inv.program.display().to_string(),
-            source,
-        })?
+        command.spawn().map_err(|source| Error::Spawn { script: inv.program.display().to_string(), source })?
     };
     let pgid = Pid::from_raw(child.id().expect("a just-spawned child has a pid") as i32);
     let stop_reading = CancellationToken::new();
-    let mut reader =
-        tokio::spawn(capture(rx, inv.output_limit, recent, stop_reading.clone()).in_current_span());
+    let mut reader = tokio::spawn(capture(rx, inv.output_limit, recent, stop_reading.clone()).in_current_span());
 
     let deadline = inv.time_limit.map(|limit| Instant::now() + limit);
     let until_deadline = async {
@@ -233,9 +214,7 @@ pub async fn run(
     let captured = match timeout(Duration::from_secs(5), &mut reader).await {
         Ok(captured) => captured,
         Err(_) => {
-            tracing::warn!(
-                "a process outside the task's process group still holds its output pipe"
-            );
+            tracing::warn!("a process outside the task's process group still holds its output pipe");
             stop_reading.cancel();
             reader.await
         }
@@ -258,10 +237,7 @@ async fn stop_group(pgid: Pid) {
     if killpg(pgid, None).is_err() {
         return;
     }
-    tracing::warn!(
-        pgid = pgid.as_raw(),
-        "master script left processes behind; stopping them"
-    );
+    tracing::warn!(pgid = pgid.as_raw(), "master script left processes behind; stopping them");
     signal_group(pgid, Signal::SIGTERM);
     let deadline = Instant::now() + KILL_GRACE;
     while Instant::now() < deadline {
@@ -286,10 +262,7 @@ fn signal_group(pgid: Pid, signal: Signal) {
 fn raise_oom_score() -> std::io::Result<()> {
     // SAFETY: plain syscalls on a NUL-terminated static path and a static buffer.
     unsafe {
-        let fd = libc::open(
-            c"/proc/self/oom_score_adj".as_ptr(),
-            libc::O_WRONLY | libc::O_CLOEXEC,
-        );
+        let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
         if fd >= 0 {
             libc::write(fd, OOM_SCORE_ADJ.as_ptr().cast(), OOM_SCORE_ADJ.len());
             libc::close(fd);
@@ -306,19 +279,12 @@ mod tests {
     #[test]
     fn run_files_are_private_and_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let files =
-            RunFiles::write(dir.path(), "u-1", &[(".a", b"x".to_vec()), (".b", vec![])]).unwrap();
-        let mode = std::fs::metadata(dir.path().join("u-1.a"))
-            .unwrap()
-            .permissions()
-            .mode();
+        let files = RunFiles::write(dir.path(), "u-1", &[(".a", b"x".to_vec()), (".b", vec![])]).unwrap();
+        let mode = std::fs::metadata(dir.path().join("u-1.a")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         drop(files);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        assert!(matches!(
-            RunFiles::write(dir.path(), "../x", &[(".a", vec![])]),
-            Err(Error::UnsafePath { .. })
-        ));
+        assert!(matches!(RunFiles::write(dir.path(), "../x", &[(".a", vec![])]), Err(Error::UnsafePath { .. })));
     }
 
     #[test]
@@ -327,10 +293,7 @@ mod tests {
         let target = dir.path().join("target");
         std::fs::write(&target, "keep").unwrap();
         std::os::unix::fs::symlink(&target, dir.path().join("u-1.a")).unwrap();
-        assert!(matches!(
-            RunFiles::write(dir.path(), "u-1", &[(".a", b"evil".to_vec())]),
-            Err(Error::Write { .. })
-        ));
+        assert!(matches!(RunFiles::write(dir.path(), "u-1", &[(".a", b"evil".to_vec())]), Err(Error::Write { .. })));
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
     }
 }

@@ -59,11 +59,7 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("`git {args}` failed ({status}): {output}")]
-    Git {
-        args: String,
-        status: ExitStatus,
-        output: String,
-    },
+    Git { args: String, status: ExitStatus, output: String },
 }
 
 impl Error {
@@ -87,11 +83,7 @@ pub struct GitCookies {
 
 impl GitCookies {
     pub fn new(home: &Path, email: &str) -> GitCookies {
-        GitCookies {
-            home: home.to_path_buf(),
-            path: home.join(".gitcookies"),
-            email: email.to_owned(),
-        }
+        GitCookies { home: home.to_path_buf(), path: home.join(".gitcookies"), email: email.to_owned() }
     }
 
     /// `<home>/.gitcookies`, the value of `GIT_COOKIES_PATH`.
@@ -101,18 +93,8 @@ impl GitCookies {
 
     /// Configures git, then keeps the file fresh until `cancel` (unless someone else's
     /// file is there). Logs and counts its own failures; never returns early on them.
-    pub async fn run(
-        self,
-        tokens: Arc<TokenSource>,
-        metrics: Arc<Metrics>,
-        cancel: CancellationToken,
-    ) {
-        let count = |result: &str| {
-            metrics
-                .gitcookies_refreshes
-                .with_label_values(&[result])
-                .inc()
-        };
+    pub async fn run(self, tokens: Arc<TokenSource>, metrics: Arc<Metrics>, cancel: CancellationToken) {
+        let count = |result: &str| metrics.gitcookies_refreshes.with_label_values(&[result]).inc();
         if let Err(e) = self.configure_git().await {
             error!(error = %error_chain(&e), "configuring git for .gitcookies failed");
             count("error");
@@ -154,10 +136,7 @@ impl GitCookies {
         match std::fs::read_to_string(&self.path) {
             Ok(text) => Ok(text.lines().next() == Some(MARKER)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
-            Err(source) => Err(Error::Read {
-                path: self.path.clone(),
-                source,
-            }),
+            Err(source) => Err(Error::Read { path: self.path.clone(), source }),
         }
     }
 
@@ -170,17 +149,9 @@ impl GitCookies {
 
     /// Atomically replaces the file: a 0600 temporary file in the same directory, renamed.
     pub fn write(&self, token: &Token) -> Result<(), Error> {
-        let failed = |source| Error::Write {
-            path: self.path.clone(),
-            source,
-        };
-        let mut file = tempfile::Builder::new()
-            .prefix(".gitcookies.")
-            .tempfile_in(&self.home)
-            .map_err(failed)?;
-        file.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(failed)?;
+        let failed = |source| Error::Write { path: self.path.clone(), source };
+        let mut file = tempfile::Builder::new().prefix(".gitcookies.").tempfile_in(&self.home).map_err(failed)?;
+        file.as_file().set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(failed)?;
         file.write_all(render(token).as_bytes()).map_err(failed)?;
         file.as_file().sync_all().map_err(failed)?;
         file.persist(&self.path).map_err(|e| failed(e.error))?;
@@ -191,12 +162,10 @@ impl GitCookies {
     /// when an e-mail was given (as the original's gitauth.New).
     pub async fn configure_git(&self) -> Result<(), Error> {
         let path = self.path.display().to_string();
-        self.git(&["config", "--global", "http.cookiefile", &path])
-            .await?;
+        self.git(&["config", "--global", "http.cookiefile", &path]).await?;
         if !self.email.is_empty() {
             let name = self.email.split('@').next().unwrap_or_default();
-            self.git(&["config", "--global", "user.email", &self.email])
-                .await?;
+            self.git(&["config", "--global", "user.email", &self.email]).await?;
             self.git(&["config", "--global", "user.name", name]).await?;
         }
         Ok(())
@@ -214,20 +183,13 @@ impl GitCookies {
             .kill_on_drop(true)
             .output()
             .await
-            .map_err(|source| Error::Spawn {
-                args: joined.clone(),
-                source,
-            })?;
+            .map_err(|source| Error::Spawn { args: joined.clone(), source })?;
         if output.status.success() {
             return Ok(());
         }
         let mut text = String::from_utf8_lossy(&output.stderr).into_owned();
         text.push_str(&String::from_utf8_lossy(&output.stdout));
-        Err(Error::Git {
-            args: joined,
-            status: output.status,
-            output: text.trim().to_owned(),
-        })
+        Err(Error::Git { args: joined, status: output.status, output: text.trim().to_owned() })
     }
 }
 
@@ -262,14 +224,8 @@ mod tests {
         let text = render(&token("ya29.abc", 1_547_582_078));
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], MARKER);
-        assert_eq!(
-            lines[1],
-            "source.developers.google.com\tFALSE\t/\tTRUE\t1547582078\to\tya29.abc"
-        );
-        assert_eq!(
-            lines[2],
-            ".googlesource.com\tTRUE\t/\tTRUE\t1547582078\to\tya29.abc"
-        );
+        assert_eq!(lines[1], "source.developers.google.com\tFALSE\t/\tTRUE\t1547582078\to\tya29.abc");
+        assert_eq!(lines[2], ".googlesource.com\tTRUE\t/\tTRUE\t1547582078\to\tya29.abc");
         assert_eq!(lines.len(), 3);
         assert!(text.ends_with('\n'));
         for line in &lines[1..] {
@@ -287,13 +243,8 @@ mod tests {
         cookies.write(&token("two", 2)).unwrap();
         let meta = std::fs::metadata(cookies.path()).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
-        assert!(std::fs::read_to_string(cookies.path())
-            .unwrap()
-            .contains("\to\ttwo\n"));
-        let names: Vec<_> = std::fs::read_dir(home.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        assert!(std::fs::read_to_string(cookies.path()).unwrap().contains("\to\ttwo\n"));
+        let names: Vec<_> = std::fs::read_dir(home.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, [".gitcookies"], "no temporary file left behind");
     }
 
@@ -304,21 +255,14 @@ mod tests {
         assert!(cookies.is_ours().unwrap(), "absent: ours to write");
         cookies.write(&token("one", 1)).unwrap();
         assert!(cookies.is_ours().unwrap(), "written by a previous run");
-        std::fs::write(
-            cookies.path(),
-            ".googlesource.com\tTRUE\t/\tTRUE\t1\to\tmine\n",
-        )
-        .unwrap();
+        std::fs::write(cookies.path(), ".googlesource.com\tTRUE\t/\tTRUE\t1\to\tmine\n").unwrap();
         assert!(!cookies.is_ours().unwrap());
     }
 
     #[tokio::test]
     async fn git_is_configured_in_the_given_home() {
         let home = tempfile::tempdir().unwrap();
-        let cookies = GitCookies::new(
-            home.path(),
-            "skia-ct-master@example.iam.gserviceaccount.com",
-        );
+        let cookies = GitCookies::new(home.path(), "skia-ct-master@example.iam.gserviceaccount.com");
         cookies.configure_git().await.unwrap();
         let config = std::fs::read_to_string(home.path().join(".gitconfig")).unwrap();
         let path = cookies.path().display().to_string();

@@ -85,23 +85,14 @@ impl Daemon {
 pub async fn start(mut config: Config, shutdown: Shutdown) -> Result<Daemon, Error> {
     let metrics = Arc::new(Metrics::new());
     let (listener, addr) =
-        server::bind(config.metrics_addr)
-            .await
-            .map_err(|source| Error::Bind {
-                addr: config.metrics_addr,
-                source,
-            })?;
+        server::bind(config.metrics_addr).await.map_err(|source| Error::Bind { addr: config.metrics_addr, source })?;
     let store = PatchStore::from_config(&config).map_err(Error::Storage)?;
     let background = CancellationToken::new();
     let autoscaler = build_autoscaler(&config, &metrics, &background)?;
     start_gitcookies(&mut config, &metrics, &background);
     let config = Arc::new(config);
     let status = Arc::new(Status::new(config.poll_interval, config.ctfe_timeout));
-    let ctfe = ctfe::Client::new(
-        config.ctfe_url.clone(),
-        config.ctfe_timeout,
-        Arc::clone(&metrics),
-    );
+    let ctfe = ctfe::Client::new(config.ctfe_url.clone(), config.ctfe_timeout, Arc::clone(&metrics));
     let state = Arc::new(server::AppState {
         metrics: Arc::clone(&metrics),
         status: Arc::clone(&status),
@@ -110,9 +101,7 @@ pub async fn start(mut config: Config, shutdown: Shutdown) -> Result<Daemon, Err
     let server_stop = CancellationToken::new();
     let server = server::spawn(listener, state, server_stop.clone());
     tracing::info!(addr = %addr, ctfe = %config.ctfe_url, "ct-poller {} listening", env!("CARGO_PKG_VERSION"));
-    let poller = Arc::new(Poller::new(
-        config, ctfe, store, autoscaler, metrics, status,
-    ));
+    let poller = Arc::new(Poller::new(config, ctfe, store, autoscaler, metrics, status));
     let done = tokio::spawn({
         let poller = Arc::clone(&poller);
         async move {
@@ -168,10 +157,7 @@ fn start_gitcookies(config: &mut Config, metrics: &Arc<Metrics>, background: &Ca
         return;
     };
     let cookies = GitCookies::new(&home, &config.service_account);
-    config.child_env.push((
-        "GIT_COOKIES_PATH".to_owned(),
-        cookies.path().display().to_string(),
-    ));
+    config.child_env.push(("GIT_COOKIES_PATH".to_owned(), cookies.path().display().to_string()));
     let tokens = TokenSource::discover(
         Path::new(&config.script.service_account_file),
         config.script.local,
@@ -180,18 +166,11 @@ fn start_gitcookies(config: &mut Config, metrics: &Arc<Metrics>, background: &Ca
     );
     match tokens {
         Ok(tokens) => {
-            tokio::spawn(cookies.run(
-                Arc::new(tokens),
-                Arc::clone(metrics),
-                background.child_token(),
-            ));
+            tokio::spawn(cookies.run(Arc::new(tokens), Arc::clone(metrics), background.child_token()));
         }
         Err(e) => {
             tracing::error!(error = %error_chain(&e), "no credentials for .gitcookies");
-            metrics
-                .gitcookies_refreshes
-                .with_label_values(&["error"])
-                .inc();
+            metrics.gitcookies_refreshes.with_label_values(&["error"]).inc();
         }
     }
 }

@@ -30,16 +30,10 @@ async fn main() -> ExitCode {
     };
     let outcome: anyhow::Result<()> = match command {
         Command::Run(config) => ct_poller::run(config, shutdown).await.map_err(Into::into),
-        Command::Demo {
-            config,
-            keep_running,
-            metrics_addr_given,
-        } => demo::run(config, keep_running, metrics_addr_given, shutdown)
-            .await
-            .map_err(Into::into),
-        Command::DevCtfe { addr, tasks } => dev_ctfe::serve(addr, tasks.as_deref(), shutdown)
-            .await
-            .map_err(Into::into),
+        Command::Demo { config, keep_running, metrics_addr_given } => {
+            demo::run(config, keep_running, metrics_addr_given, shutdown).await.map_err(Into::into)
+        }
+        Command::DevCtfe { addr, tasks } => dev_ctfe::serve(addr, tasks.as_deref(), shutdown).await.map_err(Into::into),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

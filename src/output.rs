@@ -31,12 +31,7 @@ impl RecentLines {
     }
 
     pub fn snapshot(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .cloned()
-            .collect()
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect()
     }
 }
 
@@ -55,14 +50,7 @@ pub struct Captured {
 impl Captured {
     pub fn new(limit: usize) -> Captured {
         let head_cap = limit / 2;
-        Captured {
-            head: Vec::new(),
-            tail: VecDeque::new(),
-            head_cap,
-            tail_cap: limit - head_cap,
-            dropped: 0,
-            total: 0,
-        }
+        Captured { head: Vec::new(), tail: VecDeque::new(), head_cap, tail_cap: limit - head_cap, dropped: 0, total: 0 }
     }
 
     pub fn push(&mut self, mut bytes: &[u8]) {
@@ -232,10 +220,7 @@ mod tests {
         let input: &[u8] = b"ok\n\xff\xfe bad\n";
         let recent = RecentLines::default();
         let c = capture(input, 1024, recent.clone(), Default::default()).await;
-        assert_eq!(
-            recent.snapshot(),
-            vec!["ok".to_string(), "\u{fffd}\u{fffd} bad".to_string()]
-        );
+        assert_eq!(recent.snapshot(), vec!["ok".to_string(), "\u{fffd}\u{fffd} bad".to_string()]);
         assert_eq!(c.total, input.len() as u64);
     }
 

@@ -44,15 +44,8 @@ pub struct Claim {
 impl PickedUp {
     /// Check and insert under one lock. `None`: this poller already runs the task.
     pub fn claim(&self, key: TaskKey) -> Option<Claim> {
-        let fresh = self
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(key);
-        fresh.then(|| Claim {
-            set: self.clone(),
-            key,
-        })
+        let fresh = self.0.lock().unwrap_or_else(PoisonError::into_inner).insert(key);
+        fresh.then(|| Claim { set: self.clone(), key })
     }
 
     pub fn len(&self) -> usize {
@@ -72,11 +65,7 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.set
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.key);
+        self.set.0.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
     }
 }
 
@@ -238,58 +227,33 @@ impl Poller {
                     let reached = matches!(e, ctfe::Error::Decode { .. });
                     let message = error_chain(&e);
                     error!(error = %message, reason = e.label(), "poll failed");
-                    self.metrics
-                        .poll_errors
-                        .with_label_values(&[e.label()])
-                        .inc();
+                    self.metrics.poll_errors.with_label_values(&[e.label()]).inc();
                     (PollResult::Error, Some(reached), Some(message))
                 }
             }
         };
-        self.metrics
-            .polls
-            .with_label_values(&[result.label()])
-            .inc();
+        self.metrics.polls.with_label_values(&[result.label()]).inc();
         if reached == Some(true) {
-            self.metrics
-                .last_successful_poll
-                .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+            self.metrics.last_successful_poll.set(Utc::now().timestamp_millis() as f64 / 1000.0);
         }
         self.status.record_poll(result.label(), reached, error);
-        self.metrics
-            .healthy
-            .set(i64::from(self.status.is_healthy()));
+        self.metrics.healthy.set(i64::from(self.status.is_healthy()));
         result
     }
 
     fn pick_up(self: &Arc<Self>, pending: Pending, shutdown: &Shutdown) -> PollResult {
         let key = pending.key;
-        if self.config.dry_run
-            && !self
-                .dry_run_seen
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(key)
-        {
+        if self.config.dry_run && !self.dry_run_seen.lock().unwrap_or_else(PoisonError::into_inner).insert(key) {
             return PollResult::Duplicate;
         }
         let Some(claim) = self.picked_up.claim(key) else {
             return PollResult::Duplicate;
         };
-        let run_id = self
-            .run_ids
-            .allocate(&pending.task.common().Username, Utc::now());
-        let span =
-            info_span!("task", task_id = %key, kind = key.kind.name(), run_id = run_id.as_str());
+        let run_id = self.run_ids.allocate(&pending.task.common().Username, Utc::now());
+        let span = info_span!("task", task_id = %key, kind = key.kind.name(), run_id = run_id.as_str());
         info!(parent: &span, "picked up task {key}");
-        self.metrics
-            .tasks_started
-            .with_label_values(&[key.kind.name()])
-            .inc();
-        self.metrics
-            .tasks_running
-            .with_label_values(&[key.kind.name()])
-            .inc();
+        self.metrics.tasks_started.with_label_values(&[key.kind.name()]).inc();
+        self.metrics.tasks_running.with_label_values(&[key.kind.name()]).inc();
         let recent = RecentLines::default();
         self.status.add_running(RunningTask {
             task_id: key.to_string(),
@@ -303,10 +267,7 @@ impl Poller {
         });
         let this = Arc::clone(self);
         let stop = shutdown.stop.clone();
-        self.tracker.spawn(
-            this.supervise(Arc::new(pending), claim, run_id, recent, stop)
-                .instrument(span),
-        );
+        self.tracker.spawn(this.supervise(Arc::new(pending), claim, run_id, recent, stop).instrument(span));
         PollResult::Task
     }
 
@@ -322,22 +283,13 @@ impl Poller {
     ) {
         let key = claim.key();
         let gce = !self.config.dry_run && argv::runs_on_gce(pending.spec(), &pending.task);
-        let registered = if gce {
-            self.register(&key, &stop).await
-        } else {
-            Ok(())
-        };
+        let registered = if gce { self.register(&key, &stop).await } else { Ok(()) };
         let outcome = match registered {
             Err(reason) => Outcome::Failed(reason),
             Ok(()) => {
                 let body = tokio::spawn(
                     Arc::clone(&self)
-                        .execute(
-                            Arc::clone(&pending),
-                            run_id.as_str().to_owned(),
-                            recent,
-                            stop.clone(),
-                        )
+                        .execute(Arc::clone(&pending), run_id.as_str().to_owned(), recent, stop.clone())
                         .in_current_span(),
                 );
                 let outcome = body.await.unwrap_or_else(|join| {
@@ -346,10 +298,7 @@ impl Poller {
                 });
                 if gce {
                     if let Err(e) = self.autoscaler.unregister(&key).await {
-                        self.metrics
-                            .autoscaler_errors
-                            .with_label_values(&["unregister"])
-                            .inc();
+                        self.metrics.autoscaler_errors.with_label_values(&["unregister"]).inc();
                         error!(error = %error_chain(&e), "autoscaler unregister failed");
                     }
                 }
@@ -364,16 +313,10 @@ impl Poller {
             self.report_failure(&pending, &run_id, &stop).await;
         }
         let kind = key.kind.name();
-        self.metrics
-            .tasks_finished
-            .with_label_values(&[kind, outcome.label()])
-            .inc();
+        self.metrics.tasks_finished.with_label_values(&[kind, outcome.label()]).inc();
         self.metrics.tasks_running.with_label_values(&[kind]).dec();
         if let Some(done) = self.status.finish(&key, outcome.label(), outcome.reason()) {
-            self.metrics
-                .task_duration
-                .with_label_values(&[kind])
-                .observe(done.duration_seconds);
+            self.metrics.task_duration.with_label_values(&[kind]).observe(done.duration_seconds);
         }
         drop(claim);
     }
@@ -391,23 +334,16 @@ impl Poller {
         let attempts = backoff.retry("autoscaler registration", stop, |_| async {
             let result = self.autoscaler.register(key).await;
             if result.is_err() {
-                self.metrics
-                    .autoscaler_errors
-                    .with_label_values(&["register"])
-                    .inc();
+                self.metrics.autoscaler_errors.with_label_values(&["register"]).inc();
             }
             result
         });
         match tokio::time::timeout(timeout, attempts).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!(
-                "autoscaler registration failed: {}",
-                error_chain(&e)
-            )),
-            Err(_) => Err(format!(
-                "autoscaler registration did not succeed within {}",
-                humantime::format_duration(timeout)
-            )),
+            Ok(Err(e)) => Err(format!("autoscaler registration failed: {}", error_chain(&e))),
+            Err(_) => {
+                Err(format!("autoscaler registration did not succeed within {}", humantime::format_duration(timeout)))
+            }
         }
     }
 
@@ -432,9 +368,7 @@ impl Poller {
                         bytes.push(b'\n');
                         bytes
                     }
-                    Err(e) => {
-                        return Outcome::Failed(format!("fetching {suffix}: {}", error_chain(&e)))
-                    }
+                    Err(e) => return Outcome::Failed(format!("fetching {suffix}: {}", error_chain(&e))),
                 },
             };
             files.push((suffix, content));
@@ -444,13 +378,7 @@ impl Poller {
         if self.config.dry_run {
             let listed: Vec<String> = files
                 .iter()
-                .map(|(suffix, c)| {
-                    format!(
-                        "{}/{run_id}{suffix} ({} bytes)",
-                        self.config.work_dir.display(),
-                        c.len()
-                    )
-                })
+                .map(|(suffix, c)| format!("{}/{run_id}{suffix} ({} bytes)", self.config.work_dir.display(), c.len()))
                 .collect();
             info!(program = %program.display(), argv = ?args, files = ?listed, "dry run: would run");
             return Outcome::Succeeded;
@@ -460,14 +388,8 @@ impl Poller {
             Err(e) => return Outcome::Failed(error_chain(&e)),
         };
         let mut env = vec![
-            (
-                "TMPDIR".to_owned(),
-                self.config.work_dir.display().to_string(),
-            ),
-            (
-                "CTFE_INTERNAL_URL".to_owned(),
-                self.config.ctfe_url.to_string(),
-            ),
+            ("TMPDIR".to_owned(), self.config.work_dir.display().to_string()),
+            ("CTFE_INTERNAL_URL".to_owned(), self.config.ctfe_url.to_string()),
         ];
         env.extend(self.config.child_env.iter().cloned());
         let invocation = Invocation {
@@ -477,23 +399,14 @@ impl Poller {
             time_limit: self.config.timeout_for(pending.key.kind),
             output_limit: self.config.output_limit,
         };
-        info!(
-            "========== Start of stdout and stderr for {} {run_id} ==========",
-            spec.script
-        );
+        info!("========== Start of stdout and stderr for {} {run_id} ==========", spec.script);
         let finished = match executor::run(&invocation, &stop, recent).await {
             Ok(finished) => finished,
             Err(e) => return Outcome::Failed(error_chain(&e)),
         };
-        info!(
-            "========== End of stdout and stderr for {} {run_id} ==========",
-            spec.script
-        );
+        info!("========== End of stdout and stderr for {} {run_id} ==========", spec.script);
         if finished.output.dropped > 0 {
-            self.metrics
-                .output_dropped_bytes
-                .with_label_values(&[spec.name])
-                .inc_by(finished.output.dropped);
+            self.metrics.output_dropped_bytes.with_label_values(&[spec.name]).inc_by(finished.output.dropped);
         }
         print_output(spec.script, &run_id, &finished.output.render());
         match finished.exit {
@@ -518,26 +431,16 @@ impl Poller {
             .retry("failure report", stop, |_| {
                 let ts_completed = go_timestamp(Utc::now());
                 let ts_started = ts_started.clone();
-                async move {
-                    self.ctfe
-                        .report_failure(pending, &ts_started, &ts_completed)
-                        .await
-                }
+                async move { self.ctfe.report_failure(pending, &ts_started, &ts_completed).await }
             })
             .await;
         match result {
             Ok(()) => {
-                self.metrics
-                    .failure_reports
-                    .with_label_values(&["ok"])
-                    .inc();
+                self.metrics.failure_reports.with_label_values(&["ok"]).inc();
                 info!("reported the failure to CTFE");
             }
             Err(e) => {
-                self.metrics
-                    .failure_reports
-                    .with_label_values(&["error"])
-                    .inc();
+                self.metrics.failure_reports.with_label_values(&["error"]).inc();
                 error!(error = %error_chain(&e), "could not report the failure to CTFE");
             }
         }
@@ -594,10 +497,7 @@ mod tests {
     #[test]
     fn claims_are_exclusive_and_released_on_drop() {
         let set = PickedUp::default();
-        let key = TaskKey {
-            kind: Kind::ChromiumPerf,
-            id: 42,
-        };
+        let key = TaskKey { kind: Kind::ChromiumPerf, id: 42 };
         let claim = set.claim(key).unwrap();
         assert!(set.claim(key).is_none());
         assert_eq!(set.len(), 1);
@@ -609,10 +509,7 @@ mod tests {
     #[test]
     fn claims_are_released_by_a_panic() {
         let set = PickedUp::default();
-        let key = TaskKey {
-            kind: Kind::LuaScript,
-            id: 1,
-        };
+        let key = TaskKey { kind: Kind::LuaScript, id: 1 };
         let s = set.clone();
         let r = std::panic::catch_unwind(move || {
             let _claim = s.claim(key).unwrap();

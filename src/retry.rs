@@ -37,9 +37,7 @@ impl Backoff {
     /// Delay after failed attempt `attempt` (1-based): `initial * 2^(attempt-1)`, capped,
     /// then "equal jitter": half fixed, half random, so retries never bunch up.
     pub fn delay(&self, attempt: u32) -> Duration {
-        let exp = self
-            .initial
-            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        let exp = self.initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
         let capped = exp.min(self.max);
         let half = capped / 2;
         half + half.mul_f64(rand::thread_rng().gen::<f64>())
@@ -47,12 +45,7 @@ impl Backoff {
 
     /// Runs `op` until it succeeds, fails permanently, runs out of attempts, or `cancel`
     /// fires (then the last error is returned). At least one attempt is always made.
-    pub async fn retry<T, E, F, Fut>(
-        &self,
-        what: &str,
-        cancel: &CancellationToken,
-        mut op: F,
-    ) -> Result<T, E>
+    pub async fn retry<T, E, F, Fut>(&self, what: &str, cancel: &CancellationToken, mut op: F) -> Result<T, E>
     where
         E: Retryable,
         F: FnMut(u32) -> Fut,
@@ -65,15 +58,10 @@ impl Backoff {
                 Err(err) => err,
             };
             let out_of_attempts = self.max_attempts.is_some_and(|max| attempt >= max);
-            if out_of_attempts
-                || !(self.retry_permanent || err.is_transient())
-                || cancel.is_cancelled()
-            {
+            if out_of_attempts || !(self.retry_permanent || err.is_transient()) || cancel.is_cancelled() {
                 return Err(err);
             }
-            let delay = err
-                .retry_after()
-                .map_or_else(|| self.delay(attempt), |d| d.min(self.max));
+            let delay = err.retry_after().map_or_else(|| self.delay(attempt), |d| d.min(self.max));
             tracing::warn!(error = %crate::error_chain(&err), attempt, retry_in = ?delay, "{what} failed; retrying");
             let deadline = Instant::now() + delay;
             tokio::select! {
@@ -107,8 +95,7 @@ mod tests {
             retry_permanent: false,
         };
         for attempt in 1..40 {
-            let nominal =
-                Duration::from_secs(1u64 << (attempt - 1).min(20)).min(Duration::from_secs(60));
+            let nominal = Duration::from_secs(1u64 << (attempt - 1).min(20)).min(Duration::from_secs(60));
             let d = b.delay(attempt);
             assert!(d >= nominal / 2 && d <= nominal, "attempt {attempt}: {d:?}");
         }

@@ -35,14 +35,9 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Serves until `stop` is cancelled.
-pub fn spawn(
-    listener: TcpListener,
-    state: Arc<AppState>,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
+pub fn spawn(listener: TcpListener, state: Arc<AppState>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let serve =
-            axum::serve(listener, router(state)).with_graceful_shutdown(stop.cancelled_owned());
+        let serve = axum::serve(listener, router(state)).with_graceful_shutdown(stop.cancelled_owned());
         if let Err(e) = serve.await {
             tracing::error!(error = %e, "HTTP server failed");
         }
@@ -57,42 +52,23 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     // Derived gauges are computed at scrape time, so a stalled loop shows up too.
-    state
-        .metrics
-        .healthy
-        .set(i64::from(state.status.is_healthy()));
-    state
-        .metrics
-        .oldest_running_task
-        .set(state.status.oldest_running().as_secs_f64());
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
-        .into_response()
+    state.metrics.healthy.set(i64::from(state.status.is_healthy()));
+    state.metrics.oldest_running_task.set(state.status.oldest_running().as_secs_f64());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
 }
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     if state.status.is_live() {
         (StatusCode::OK, "ok\n").into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "poll loop has not ticked within 3 intervals\n",
-        )
-            .into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, "poll loop has not ticked within 3 intervals\n").into_response()
     }
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     match state.status.readiness() {
         Readiness::Ready => (StatusCode::OK, "ready\n".to_owned()).into_response(),
-        Readiness::NotReady(reason) => {
-            (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response()
-        }
+        Readiness::NotReady(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response(),
     }
 }
 
@@ -157,12 +133,7 @@ td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:t
     );
     match &snap.last_poll {
         Some(p) => {
-            let _ = write!(
-                h,
-                "<p>Last poll: <b>{}</b> at {}",
-                esc(p.result),
-                esc(&p.at)
-            );
+            let _ = write!(h, "<p>Last poll: <b>{}</b> at {}", esc(p.result), esc(&p.at));
             if let Some(e) = &p.error {
                 let _ = write!(h, " &mdash; <span class=\"bad\">{}</span>", esc(e));
             }
@@ -226,10 +197,7 @@ mod tests {
 
     #[test]
     fn escapes_html() {
-        assert_eq!(
-            esc("<a href='x'>&\"</a>"),
-            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;&lt;/a&gt;"
-        );
+        assert_eq!(esc("<a href='x'>&\"</a>"), "&lt;a href=&#39;x&#39;&gt;&amp;&quot;&lt;/a&gt;");
         assert_eq!(duration(5.0), "5.0s");
         assert_eq!(duration(125.0), "2m05s");
         assert_eq!(duration(7300.0), "2h01m");

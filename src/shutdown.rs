@@ -34,11 +34,7 @@ impl Shutdown {
                 tracing::warn!(
                     signal = name,
                     "{}",
-                    if token == &tokens.drain {
-                        "draining"
-                    } else {
-                        "stopping tasks now"
-                    }
+                    if token == &tokens.drain { "draining" } else { "stopping tasks now" }
                 );
                 token.cancel();
             }

@@ -136,20 +136,13 @@ impl Status {
             None if inner.last_poll_ok => inner.last_reached = Some(now),
             None => {}
         }
-        inner.last_poll = Some(PollRecord {
-            result,
-            at: rfc3339(Utc::now()),
-            error,
-        });
+        inner.last_poll = Some(PollRecord { result, at: rfc3339(Utc::now()), error });
     }
 
     /// `healthy`: the last poll reached CTFE within 3 intervals.
     pub fn is_healthy(&self) -> bool {
         let inner = self.lock();
-        inner.last_poll_ok
-            && inner
-                .last_reached
-                .is_some_and(|t| t.elapsed() <= self.poll_interval * 3)
+        inner.last_poll_ok && inner.last_reached.is_some_and(|t| t.elapsed() <= self.poll_interval * 3)
     }
 
     /// Liveness: the loop (or start-up) iterated recently, or the daemon is draining
@@ -177,12 +170,7 @@ impl Status {
         self.lock().running.insert(task.task_id.clone(), task);
     }
 
-    pub fn finish(
-        &self,
-        key: &TaskKey,
-        outcome: &'static str,
-        reason: String,
-    ) -> Option<FinishedTask> {
+    pub fn finish(&self, key: &TaskKey, outcome: &'static str, reason: String) -> Option<FinishedTask> {
         let mut inner = self.lock();
         let running = inner.running.remove(&key.to_string())?;
         let finished = FinishedTask {
@@ -206,12 +194,7 @@ impl Status {
 
     /// Age of the oldest running task.
     pub fn oldest_running(&self) -> Duration {
-        self.lock()
-            .running
-            .values()
-            .map(|t| t.started_at.elapsed())
-            .max()
-            .unwrap_or_default()
+        self.lock().running.values().map(|t| t.started_at.elapsed()).max().unwrap_or_default()
     }
 
     pub fn running_count(&self) -> usize {

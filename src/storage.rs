@@ -91,11 +91,7 @@ impl PatchStore {
             PatchStoreUrl::Gcs { bucket } => {
                 let (api_root, auth) = match config.storage_emulator_host.as_deref() {
                     Some(host) => {
-                        let root = if host.contains("://") {
-                            host.to_owned()
-                        } else {
-                            format!("http://{host}")
-                        };
+                        let root = if host.contains("://") { host.to_owned() } else { format!("http://{host}") };
                         let root = Url::parse(&root).map_err(|e| auth::Error::Invalid {
                             path: "STORAGE_EMULATOR_HOST".into(),
                             reason: e.to_string(),
@@ -117,32 +113,20 @@ impl PatchStore {
                     .read_timeout(Duration::from_secs(120))
                     .build()
                     .expect("the TLS backend initialises");
-                Ok(PatchStore::Gcs(Arc::new(Gcs {
-                    http,
-                    api_root,
-                    bucket: bucket.clone(),
-                    auth,
-                })))
+                Ok(PatchStore::Gcs(Arc::new(Gcs { http, api_root, bucket: bucket.clone(), auth })))
             }
         }
     }
 
     /// Fetches a patch, retrying transient failures a few times; counts the result.
-    pub async fn fetch(
-        &self,
-        id: &str,
-        metrics: &Metrics,
-        cancel: &CancellationToken,
-    ) -> Result<Vec<u8>, Error> {
+    pub async fn fetch(&self, id: &str, metrics: &Metrics, cancel: &CancellationToken) -> Result<Vec<u8>, Error> {
         let backoff = Backoff {
             initial: Duration::from_millis(500),
             max: Duration::from_secs(10),
             max_attempts: Some(4),
             retry_permanent: false,
         };
-        let result = backoff
-            .retry("patch fetch", cancel, |_| self.fetch_once(id))
-            .await;
+        let result = backoff.retry("patch fetch", cancel, |_| self.fetch_once(id)).await;
         let label = result.as_ref().map_or_else(Error::label, |_| "ok");
         metrics.patch_fetches.with_label_values(&[label]).inc();
         result
@@ -158,28 +142,17 @@ impl PatchStore {
 
 async fn read_file(dir: &Path, id: &str) -> Result<Vec<u8>, Error> {
     let relative = Path::new(id);
-    let safe = !id.is_empty()
-        && relative
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)));
+    let safe = !id.is_empty() && relative.components().all(|c| matches!(c, Component::Normal(_)));
     if !safe {
         return Err(Error::InvalidId { id: id.to_owned() });
     }
     let io = |source: std::io::Error| match source.kind() {
         std::io::ErrorKind::NotFound => Error::NotFound { id: id.to_owned() },
-        _ => Error::Io {
-            id: id.to_owned(),
-            source,
-        },
+        _ => Error::Io { id: id.to_owned(), source },
     };
-    let file = tokio::fs::File::open(dir.join(relative))
-        .await
-        .map_err(io)?;
+    let file = tokio::fs::File::open(dir.join(relative)).await.map_err(io)?;
     let mut content = Vec::new();
-    file.take(MAX_PATCH + 1)
-        .read_to_end(&mut content)
-        .await
-        .map_err(io)?;
+    file.take(MAX_PATCH + 1).read_to_end(&mut content).await.map_err(io)?;
     if content.len() as u64 > MAX_PATCH {
         return Err(Error::TooLarge { id: id.to_owned() });
     }
@@ -191,29 +164,18 @@ impl Gcs {
         if id.is_empty() || id.len() > 1024 {
             return Err(Error::InvalidId { id: id.to_owned() });
         }
-        let mut url = join(
-            &self.api_root,
-            &format!("storage/v1/b/{}/o/{}", self.bucket, percent_encode(id)),
-        );
+        let mut url = join(&self.api_root, &format!("storage/v1/b/{}/o/{}", self.bucket, percent_encode(id)));
         url.set_query(Some("alt=media"));
         let mut request = self.http.get(url);
         if let Some(auth) = &self.auth {
             request = request.bearer_auth(auth.token().await.map_err(Error::Auth)?.value);
         }
-        let transport = |source| Error::Transport {
-            id: id.to_owned(),
-            source,
-        };
+        let transport = |source| Error::Transport { id: id.to_owned(), source };
         let mut response = request.send().await.map_err(transport)?;
         match response.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND => return Err(Error::NotFound { id: id.to_owned() }),
-            status => {
-                return Err(Error::Status {
-                    id: id.to_owned(),
-                    status,
-                })
-            }
+            status => return Err(Error::Status { id: id.to_owned(), status }),
         }
         if response.content_length().is_some_and(|len| len > MAX_PATCH) {
             return Err(Error::TooLarge { id: id.to_owned() });
@@ -257,23 +219,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("patches")).unwrap();
         std::fs::write(dir.path().join("patches/a.patch"), "diff").unwrap();
-        assert_eq!(
-            read_file(dir.path(), "patches/a.patch").await.unwrap(),
-            b"diff"
-        );
+        assert_eq!(read_file(dir.path(), "patches/a.patch").await.unwrap(), b"diff");
         for bad in ["", "../x", "/etc/passwd", "patches/../../x", "./a"] {
-            assert!(
-                matches!(
-                    read_file(dir.path(), bad).await,
-                    Err(Error::InvalidId { .. })
-                ),
-                "{bad}"
-            );
+            assert!(matches!(read_file(dir.path(), bad).await, Err(Error::InvalidId { .. })), "{bad}");
         }
-        assert!(matches!(
-            read_file(dir.path(), "patches/none").await,
-            Err(Error::NotFound { .. })
-        ));
+        assert!(matches!(read_file(dir.path(), "patches/none").await, Err(Error::NotFound { .. })));
     }
 
     #[tokio::test]
@@ -281,9 +231,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = std::fs::File::create(dir.path().join("big")).unwrap();
         f.set_len(MAX_PATCH + 1).unwrap();
-        assert!(matches!(
-            read_file(dir.path(), "big").await,
-            Err(Error::TooLarge { .. })
-        ));
+        assert!(matches!(read_file(dir.path(), "big").await, Err(Error::TooLarge { .. })));
     }
 }

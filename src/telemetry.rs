@@ -26,11 +26,9 @@ pub fn init(format: LogFormat) {
             .with_target(false)
             .try_init()
             .map_err(|e| e.to_string()),
-        LogFormat::Json => tracing_subscriber::registry()
-            .with(filter)
-            .with(JsonLines)
-            .try_init()
-            .map_err(|e| e.to_string()),
+        LogFormat::Json => {
+            tracing_subscriber::registry().with(filter).with(JsonLines).try_init().map_err(|e| e.to_string())
+        }
     };
 }
 
@@ -57,8 +55,7 @@ impl Visit for Fields {
         self.0.insert(field.name().to_owned(), Value::from(value));
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0
-            .insert(field.name().to_owned(), Value::from(format!("{value:?}")));
+        self.0.insert(field.name().to_owned(), Value::from(format!("{value:?}")));
     }
 }
 
@@ -85,10 +82,7 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for JsonLines {
             "timestamp".into(),
             Value::from(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
         );
-        line.insert(
-            "level".into(),
-            Value::from(event.metadata().level().as_str()),
-        );
+        line.insert("level".into(), Value::from(event.metadata().level().as_str()));
         if let Some(scope) = ctx.event_scope(event) {
             for span in scope.from_root() {
                 if let Some(fields) = span.extensions().get::<Fields>() {

@@ -138,12 +138,7 @@ impl GceAutoscaler {
             timing: config.timing.clone(),
         });
         let (changed, _) = watch::channel(0);
-        let inner = Arc::new(Inner {
-            api,
-            state: Mutex::new(State::new()),
-            changed,
-            wake: Notify::new(),
-        });
+        let inner = Arc::new(Inner { api, state: Mutex::new(State::new()), changed, wake: Notify::new() });
         let stop = cancel.child_token();
         tokio::spawn(Arc::clone(&inner).drive(stop.clone()));
         GceAutoscaler { inner, stop }
@@ -151,11 +146,7 @@ impl GceAutoscaler {
 
     pub fn snapshot(&self) -> Snapshot {
         let s = self.inner.lock();
-        Snapshot {
-            registered: s.registered,
-            waiting: s.waiting,
-            fleet: s.fleet,
-        }
+        Snapshot { registered: s.registered, waiting: s.waiting, fleet: s.fleet }
     }
 }
 
@@ -305,10 +296,7 @@ impl Inner {
             s.waiting += 1;
             s.failed_starts
         };
-        let mut waiting = Waiting {
-            inner: self,
-            armed: true,
-        };
+        let mut waiting = Waiting { inner: self, armed: true };
         self.changed();
         loop {
             if changes.changed().await.is_err() {
@@ -372,10 +360,7 @@ impl Inner {
     /// Its first job is the start-up stop (the state begins `Stopping`), whatever
     /// registrations arrive meanwhile: they wait for it, as for any stop.
     async fn drive(self: Arc<Self>, cancel: CancellationToken) {
-        info!(
-            instances = self.api.names.len(),
-            "start-up: stopping the GCE fleet, then deleting its bots"
-        );
+        info!(instances = self.api.names.len(), "start-up: stopping the GCE fleet, then deleting its bots");
         let started = Instant::now();
         tokio::select! {
             _ = cancel.cancelled() => {}
@@ -431,10 +416,7 @@ impl Inner {
             Plan::Stop => {
                 s.fleet = Fleet::Stopping;
                 self.api.metrics.gce_bots_up.set(0);
-                info!(
-                    instances = n,
-                    "stopping the GCE fleet, then deleting its bots"
-                );
+                info!(instances = n, "stopping the GCE fleet, then deleting its bots");
             }
             Plan::Idle | Plan::WaitUntil(_) => return plan,
         }
@@ -533,16 +515,8 @@ impl Operation {
     /// The operation's errors, `code: message; ...`, if it failed.
     fn failure(&self) -> Option<String> {
         let error = self.error.as_ref()?;
-        let text: Vec<String> = error
-            .errors
-            .iter()
-            .map(|e| format!("{}: {}", e.code, e.message))
-            .collect();
-        Some(if text.is_empty() {
-            "an error without details".to_owned()
-        } else {
-            text.join("; ")
-        })
+        let text: Vec<String> = error.errors.iter().map(|e| format!("{}: {}", e.code, e.message)).collect();
+        Some(if text.is_empty() { "an error without details".to_owned() } else { text.join("; ") })
     }
 }
 
@@ -580,11 +554,7 @@ impl Api {
     /// Runs `op` on every name (each with its retries), all at once but never more than
     /// `concurrency` HTTP calls in flight. Returns the names that succeeded, and the
     /// first failure with the number of them.
-    async fn each(
-        self: &Arc<Self>,
-        op: Op,
-        names: Vec<String>,
-    ) -> (Vec<String>, Result<(), Error>) {
+    async fn each(self: &Arc<Self>, op: Op, names: Vec<String>) -> (Vec<String>, Result<(), Error>) {
         let total = names.len();
         let mut calls = JoinSet::new();
         for name in names {
@@ -612,12 +582,7 @@ impl Api {
         }
         let result = match first {
             None => Ok(()),
-            Some(first) => Err(Error::Partial {
-                op,
-                failed,
-                total,
-                first: Box::new(first),
-            }),
+            Some(first) => Err(Error::Partial { op, failed, total, first: Box::new(first) }),
         };
         (done, result)
     }
@@ -636,10 +601,7 @@ impl Api {
                 Ok(()) => return Ok(()),
                 Err(err) => err,
             };
-            self.metrics
-                .autoscaler_errors
-                .with_label_values(&[op.label()])
-                .inc();
+            self.metrics.autoscaler_errors.with_label_values(&[op.label()]).inc();
             let last = !err.is_transient() || backoff.max_attempts.is_some_and(|m| attempt >= m);
             if last {
                 warn!(instance = name, op = op.label(), attempt, error = %error_chain(&err), "autoscaler call failed; giving up on it");
@@ -687,12 +649,7 @@ impl Api {
             operation = self.compute(op, name, Method::GET, url).await?;
         }
         if let Some(reason) = operation.failure() {
-            return Err(Error::Operation {
-                op,
-                target: name.to_owned(),
-                operation: operation.name,
-                reason,
-            });
+            return Err(Error::Operation { op, target: name.to_owned(), operation: operation.name, reason });
         }
         let url = join(&self.zone_url, &format!("instances/{name}"));
         let deadline = Instant::now() + timeout;
@@ -722,13 +679,7 @@ impl Api {
                 join(&self.swarming_url, "prpc/swarming.v2.Bots/DeleteBot"),
                 Some(serde_json::json!({ "bot_id": bot })),
             ),
-            SwarmingApi::V1 => (
-                join(
-                    &self.swarming_url,
-                    &format!("_ah/api/swarming/v1/bot/{bot}/delete"),
-                ),
-                None,
-            ),
+            SwarmingApi::V1 => (join(&self.swarming_url, &format!("_ah/api/swarming/v1/bot/{bot}/delete")), None),
         };
         let (status, answer) = self.send(op, bot, Method::POST, url.clone(), body).await?;
         if status == StatusCode::NOT_FOUND {
@@ -736,30 +687,21 @@ impl Api {
             return Ok(());
         }
         check_status(op, bot, &url, status, &answer)?;
-        let deleted: Deleted =
-            serde_json::from_slice(strip_xssi(&answer)).map_err(|e| Error::Malformed {
-                op,
-                target: bot.to_owned(),
-                url: url.to_string(),
-                reason: e.to_string(),
-            })?;
+        let deleted: Deleted = serde_json::from_slice(strip_xssi(&answer)).map_err(|e| Error::Malformed {
+            op,
+            target: bot.to_owned(),
+            url: url.to_string(),
+            reason: e.to_string(),
+        })?;
         if deleted.deleted {
             Ok(())
         } else {
-            Err(Error::NotDeleted {
-                bot: bot.to_owned(),
-            })
+            Err(Error::NotDeleted { bot: bot.to_owned() })
         }
     }
 
     /// A Compute Engine call with a JSON answer.
-    async fn compute<T: DeserializeOwned>(
-        &self,
-        op: Op,
-        target: &str,
-        method: Method,
-        url: Url,
-    ) -> Result<T, Error> {
+    async fn compute<T: DeserializeOwned>(&self, op: Op, target: &str, method: Method, url: Url) -> Result<T, Error> {
         let (status, body) = self.send(op, target, method, url.clone(), None).await?;
         check_status(op, target, &url, status, &body)?;
         serde_json::from_slice(&body).map_err(|e| Error::Malformed {
@@ -780,17 +722,8 @@ impl Api {
         json: Option<serde_json::Value>,
     ) -> Result<(StatusCode, Vec<u8>), Error> {
         let token = self.tokens.token().await.map_err(Error::Auth)?;
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
-        let transport = |source| Error::Transport {
-            op,
-            target: target.to_owned(),
-            url: url.to_string(),
-            source,
-        };
+        let _permit = self.permits.acquire().await.expect("the semaphore is never closed");
+        let transport = |source| Error::Transport { op, target: target.to_owned(), url: url.to_string(), source };
         let mut request = self
             .http
             .request(method, url.clone())
@@ -806,13 +739,7 @@ impl Api {
     }
 }
 
-fn check_status(
-    op: Op,
-    target: &str,
-    url: &Url,
-    status: StatusCode,
-    body: &[u8],
-) -> Result<(), Error> {
+fn check_status(op: Op, target: &str, url: &Url, status: StatusCode, body: &[u8]) -> Result<(), Error> {
     if status.is_success() {
         return Ok(());
     }
@@ -830,20 +757,12 @@ mod tests {
     use super::*;
 
     fn state(registered: usize, waiting: usize, fleet: Fleet) -> State {
-        State {
-            registered,
-            waiting,
-            fleet,
-            ..State::new()
-        }
+        State { registered, waiting, fleet, ..State::new() }
     }
 
     #[test]
     fn names_are_zero_padded_from_one() {
-        assert_eq!(
-            instance_names("ct-gce-", 3),
-            ["ct-gce-001", "ct-gce-002", "ct-gce-003"]
-        );
+        assert_eq!(instance_names("ct-gce-", 3), ["ct-gce-001", "ct-gce-002", "ct-gce-003"]);
         let all = instance_names("ct-gce-", 500);
         assert_eq!(all.len(), 500);
         assert_eq!(all[499], "ct-gce-500");
@@ -899,12 +818,8 @@ mod tests {
             r#"{"kind":"compute#operation","name":"operation-1","status":"DONE","error":{"errors":[{"code":"ZONE_RESOURCE_POOL_EXHAUSTED","message":"no capacity"}]}}"#,
         )
         .unwrap();
-        assert_eq!(
-            op.failure().unwrap(),
-            "ZONE_RESOURCE_POOL_EXHAUSTED: no capacity"
-        );
-        let op: Operation =
-            serde_json::from_str(r#"{"name":"operation-2","status":"RUNNING"}"#).unwrap();
+        assert_eq!(op.failure().unwrap(), "ZONE_RESOURCE_POOL_EXHAUSTED: no capacity");
+        let op: Operation = serde_json::from_str(r#"{"name":"operation-2","status":"RUNNING"}"#).unwrap();
         assert!(op.failure().is_none());
         let d: Deleted = serde_json::from_slice(strip_xssi(b")]}'\n{\"deleted\":true}")).unwrap();
         assert!(d.deleted);
@@ -925,12 +840,7 @@ mod tests {
         assert!(status(429).is_transient());
         assert!(!status(403).is_transient());
         assert!(!status(404).is_transient());
-        let partial = Error::Partial {
-            op: Op::Start,
-            failed: 1,
-            total: 3,
-            first: Box::new(status(500)),
-        };
+        let partial = Error::Partial { op: Op::Start, failed: 1, total: 3, first: Box::new(status(500)) };
         assert!(partial.is_transient());
         assert!(!Error::NotRegistered.is_transient());
     }

@@ -59,35 +59,13 @@ pub enum Error {
         source: reqwest::Error,
     },
     #[error("{op} of {target}: {url} answered {status}: {body:?}")]
-    Status {
-        op: Op,
-        target: String,
-        url: String,
-        status: reqwest::StatusCode,
-        body: String,
-    },
+    Status { op: Op, target: String, url: String, status: reqwest::StatusCode, body: String },
     #[error("{op} of {target}: unexpected answer from {url}: {reason}")]
-    Malformed {
-        op: Op,
-        target: String,
-        url: String,
-        reason: String,
-    },
+    Malformed { op: Op, target: String, url: String, reason: String },
     #[error("{op} of {target}: zone operation {operation} failed: {reason}")]
-    Operation {
-        op: Op,
-        target: String,
-        operation: String,
-        reason: String,
-    },
+    Operation { op: Op, target: String, operation: String, reason: String },
     #[error("{op} of {target}: not {wanted} after {waited:?} (last status {status:?})")]
-    Timeout {
-        op: Op,
-        target: String,
-        wanted: &'static str,
-        status: String,
-        waited: Duration,
-    },
+    Timeout { op: Op, target: String, wanted: &'static str, status: String, waited: Duration },
     #[error("Swarming did not delete bot {bot}")]
     NotDeleted { bot: String },
     #[error("{op} of {target}: the call panicked")]
@@ -120,18 +98,14 @@ impl Error {
     /// whatever failed, until `--register-timeout`.)
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Transport { .. }
-            | Error::Operation { .. }
-            | Error::Timeout { .. }
-            | Error::NotDeleted { .. } => true,
+            Error::Transport { .. } | Error::Operation { .. } | Error::Timeout { .. } | Error::NotDeleted { .. } => {
+                true
+            }
             Error::Status { status, .. } => crate::retry::is_transient_status(*status),
             Error::Auth(e) => Retryable::is_transient(e),
             Error::Partial { first, .. } => first.is_transient(),
             Error::Start(e) | Error::Stop(e) => e.is_transient(),
-            Error::Malformed { .. }
-            | Error::Panicked { .. }
-            | Error::Closed
-            | Error::NotRegistered => false,
+            Error::Malformed { .. } | Error::Panicked { .. } | Error::Closed | Error::NotRegistered => false,
         }
     }
 }

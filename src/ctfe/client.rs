@@ -52,13 +52,7 @@ pub enum Error {
         source: reqwest::Error,
     },
     #[error("CTFE {url} answered {status}: {body:?}")]
-    Status {
-        endpoint: Endpoint,
-        url: String,
-        status: StatusCode,
-        body: String,
-        retry_after: Option<Duration>,
-    },
+    Status { endpoint: Endpoint, url: String, status: StatusCode, body: String, retry_after: Option<Duration> },
     #[error("CTFE {url} sent an unusable body: {excerpt:?}")]
     Decode {
         url: String,
@@ -73,9 +67,9 @@ pub enum Error {
 impl Error {
     pub fn endpoint(&self) -> Endpoint {
         match self {
-            Error::Transport { endpoint, .. }
-            | Error::Status { endpoint, .. }
-            | Error::TooLarge { endpoint, .. } => *endpoint,
+            Error::Transport { endpoint, .. } | Error::Status { endpoint, .. } | Error::TooLarge { endpoint, .. } => {
+                *endpoint
+            }
             Error::Decode { .. } => Endpoint::GetOldestPendingTask,
         }
     }
@@ -135,24 +129,14 @@ impl Client {
             .pool_max_idle_per_host(2)
             .build()
             .expect("the TLS backend initialises");
-        Client {
-            http,
-            root,
-            metrics,
-        }
+        Client { http, root, metrics }
     }
 
     /// `POST _/terminate_running_tasks` (empty body, `Content-Type: application/json`).
     pub async fn terminate_running_tasks(&self) -> Result<(), Error> {
         let url = join(&self.root, "_/terminate_running_tasks");
-        let request = self
-            .http
-            .post(url.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .body("");
-        self.send(Endpoint::TerminateRunningTasks, url, request)
-            .await
-            .map(drop)
+        let request = self.http.post(url.clone()).header(CONTENT_TYPE, "application/json").body("");
+        self.send(Endpoint::TerminateRunningTasks, url, request).await.map(drop)
     }
 
     /// `GET _/get_oldest_pending_task`: `Ok(None)` when the queue is empty.
@@ -160,9 +144,7 @@ impl Client {
         let url = join(&self.root, "_/get_oldest_pending_task");
         let request = self.http.get(url.clone());
         let started = Instant::now();
-        let body = self
-            .send_inner(Endpoint::GetOldestPendingTask, url.clone(), request)
-            .await;
+        let body = self.send_inner(Endpoint::GetOldestPendingTask, url.clone(), request).await;
         let result = body.and_then(|body| {
             decode_envelope(&body).map_err(|source| Error::Decode {
                 url: url.to_string(),
@@ -175,12 +157,7 @@ impl Client {
     }
 
     /// POSTs the kind's failure update once (ctfe-wire.md §6); callers retry.
-    pub async fn report_failure(
-        &self,
-        pending: &Pending,
-        ts_started: &str,
-        ts_completed: &str,
-    ) -> Result<(), Error> {
+    pub async fn report_failure(&self, pending: &Pending, ts_started: &str, ts_completed: &str) -> Result<(), Error> {
         let spec = pending.spec();
         let body = FailureUpdate {
             id: pending.key.id,
@@ -189,22 +166,11 @@ impl Client {
             extras: spec.update_extras,
         };
         let url = join(&self.root, spec.update_path);
-        let request = self
-            .http
-            .post(url.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .body(to_go_json(&body));
-        self.send(Endpoint::UpdateTask, url, request)
-            .await
-            .map(drop)
+        let request = self.http.post(url.clone()).header(CONTENT_TYPE, "application/json").body(to_go_json(&body));
+        self.send(Endpoint::UpdateTask, url, request).await.map(drop)
     }
 
-    async fn send(
-        &self,
-        endpoint: Endpoint,
-        url: Url,
-        request: reqwest::RequestBuilder,
-    ) -> Result<Vec<u8>, Error> {
+    async fn send(&self, endpoint: Endpoint, url: Url, request: reqwest::RequestBuilder) -> Result<Vec<u8>, Error> {
         let started = Instant::now();
         let result = self.send_inner(endpoint, url, request).await;
         self.observe(endpoint, started, &result);
@@ -213,15 +179,9 @@ impl Client {
 
     fn observe<T>(&self, endpoint: Endpoint, started: Instant, result: &Result<T, Error>) {
         let label = endpoint.label();
-        self.metrics
-            .ctfe_request_duration
-            .with_label_values(&[label])
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.ctfe_request_duration.with_label_values(&[label]).observe(started.elapsed().as_secs_f64());
         let outcome = result.as_ref().map_or_else(Error::request_result, |_| "ok");
-        self.metrics
-            .ctfe_requests
-            .with_label_values(&[label, outcome])
-            .inc();
+        self.metrics.ctfe_requests.with_label_values(&[label, outcome]).inc();
     }
 
     async fn send_inner(
@@ -230,33 +190,20 @@ impl Client {
         url: Url,
         request: reqwest::RequestBuilder,
     ) -> Result<Vec<u8>, Error> {
-        let transport = |source| Error::Transport {
-            endpoint,
-            url: url.to_string(),
-            source,
-        };
+        let transport = |source| Error::Transport { endpoint, url: url.to_string(), source };
         let mut response = request.send().await.map_err(transport)?;
         let status = response.status();
         let retry_after = parse_retry_after(response.headers());
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(transport)? {
             if body.len() + chunk.len() > MAX_BODY {
-                return Err(Error::TooLarge {
-                    endpoint,
-                    url: url.to_string(),
-                });
+                return Err(Error::TooLarge { endpoint, url: url.to_string() });
             }
             body.extend_from_slice(&chunk);
         }
         // The original accepts exactly 200 (ctfe-wire.md §2.2).
         if status != StatusCode::OK {
-            return Err(Error::Status {
-                endpoint,
-                url: url.to_string(),
-                status,
-                body: excerpt(&body),
-                retry_after,
-            });
+            return Err(Error::Status { endpoint, url: url.to_string(), status, body: excerpt(&body), retry_after });
         }
         Ok(body)
     }
@@ -268,9 +215,7 @@ fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let when = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-    (when.with_timezone(&chrono::Utc) - chrono::Utc::now())
-        .to_std()
-        .ok()
+    (when.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().ok()
 }
 
 /// The first bytes of a body, lossily decoded, for logs and errors.
@@ -293,10 +238,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
         assert_eq!(parse_retry_after(&h), Some(Duration::from_secs(7)));
-        h.insert(
-            RETRY_AFTER,
-            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
-        );
+        h.insert(RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
         assert_eq!(parse_retry_after(&h), None); // in the past
         h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(parse_retry_after(&h), None);

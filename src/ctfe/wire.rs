@@ -346,9 +346,7 @@ pub struct UpdateVars {
 pub fn to_go_json<T: Serialize>(value: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     let mut ser = serde_json::Serializer::with_formatter(&mut out, GoFormatter);
-    value
-        .serialize(&mut ser)
-        .expect("serialising to memory cannot fail");
+    value.serialize(&mut ser).expect("serialising to memory cannot fail");
     out
 }
 
@@ -406,10 +404,7 @@ mod tests {
     fn go_json_escapes_like_encoding_json() {
         let s = "a<b>&c\u{2028}\u{8}\u{c}\u{1}\"\\\n\té";
         let out = String::from_utf8(to_go_json(&s)).unwrap();
-        assert_eq!(
-            out,
-            r#""a\u003cb\u003e\u0026c\u2028\u0008\u000c\u0001\"\\\n\té""#
-        );
+        assert_eq!(out, r#""a\u003cb\u003e\u0026c\u2028\u0008\u000c\u0001\"\\\n\té""#);
     }
 
     #[test]

@@ -114,28 +114,13 @@ impl DevCtfe {
         let parsed: Json_ = serde_json::from_slice(envelope).map_err(|e| e.to_string())?;
         let (kind, object) = Kind::ALL
             .into_iter()
-            .find_map(|k| {
-                parsed
-                    .get(k.name())
-                    .filter(|v| !v.is_null())
-                    .map(|v| (k, v.clone()))
-            })
+            .find_map(|k| parsed.get(k.name()).filter(|v| !v.is_null()).map(|v| (k, v.clone())))
             .ok_or("the envelope holds no task")?;
         let mut object = object;
         let mut queue = self.lock();
         if object.get("DatastoreKey").is_none_or(Json_::is_null) {
-            let id = queue
-                .tasks
-                .range((kind, i64::MIN)..=(kind, i64::MAX))
-                .map(|(k, _)| k.1)
-                .max()
-                .unwrap_or(0)
-                + 1;
-            let key = DatastoreKey {
-                namespace: NAMESPACE.into(),
-                kind: kind.spec().datastore_kind.into(),
-                id,
-            };
+            let id = queue.tasks.range((kind, i64::MIN)..=(kind, i64::MAX)).map(|(k, _)| k.1).max().unwrap_or(0) + 1;
+            let key = DatastoreKey { namespace: NAMESPACE.into(), kind: kind.spec().datastore_kind.into(), id };
             object["DatastoreKey"] = Json_::String(key.encode());
         }
         let wrapped = serde_json::json!({ kind.name(): object });
@@ -162,11 +147,7 @@ impl DevCtfe {
 
     /// Tasks with `TsStarted == 0`: what `get_oldest_pending_task` can still hand out.
     pub fn pending_count(&self) -> usize {
-        self.lock()
-            .tasks
-            .values()
-            .filter(|t| t.common().TsStarted == 0)
-            .count()
+        self.lock().tasks.values().filter(|t| t.common().TsStarted == 0).count()
     }
 
     /// The exact body of `get_oldest_pending_task` now.
@@ -205,18 +186,14 @@ impl DevCtfe {
     /// `task_common.UpdateTaskHandler` + `updateDatastoreTask` (ctfe-wire.md §2.4).
     fn update(&self, kind: Kind, body: &[u8]) -> Result<(), String> {
         let go_type = format!("*{}", kind.spec().update_type);
-        let mut raw: Json_ = serde_json::from_slice(body)
-            .map_err(|_| format!("Failed to parse {go_type} update"))?;
+        let mut raw: Json_ = serde_json::from_slice(body).map_err(|_| format!("Failed to parse {go_type} update"))?;
         if let Json_::Object(map) = &mut raw {
             map.retain(|_, v| !v.is_null());
         }
-        let vars: UpdateVars = serde_json::from_value(raw.clone())
-            .map_err(|_| format!("Failed to parse {go_type} update"))?;
+        let vars: UpdateVars =
+            serde_json::from_value(raw.clone()).map_err(|_| format!("Failed to parse {go_type} update"))?;
         let mut queue = self.lock();
-        let stored = queue
-            .tasks
-            .get(&(kind, vars.Id))
-            .ok_or_else(|| format!("Failed to find {go_type} task"))?;
+        let stored = queue.tasks.get(&(kind, vars.Id)).ok_or_else(|| format!("Failed to find {go_type} task"))?;
         // Go edits a copy and only Puts it when every step succeeded.
         let mut task = stored.clone();
         let failed = || format!("Failed to update {go_type} task");
@@ -267,50 +244,28 @@ impl DevCtfe {
                 &format!("/{}", kind.spec().update_path),
                 post(move |State(ctfe): State<DevCtfe>, body: Bytes| async move {
                     match ctfe.update(kind, &body) {
-                        Ok(()) => (
-                            StatusCode::OK,
-                            [(header::CONTENT_TYPE, "application/json")],
-                            "",
-                        )
-                            .into_response(),
+                        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "").into_response(),
                         Err(message) => text_error(message),
                     }
                 }),
             );
         }
-        router = router.layer(middleware::from_fn_with_state(
-            self.clone(),
-            record_and_fault,
-        ));
+        router = router.layer(middleware::from_fn_with_state(self.clone(), record_and_fault));
         router
             .route("/_/dev/enqueue", post(dev_enqueue))
-            .route(
-                "/_/dev/log",
-                get(|State(ctfe): State<DevCtfe>| async move { Json(ctfe.log()) }),
-            )
+            .route("/_/dev/log", get(|State(ctfe): State<DevCtfe>| async move { Json(ctfe.log()) }))
             .route("/_/dev/fault", post(dev_fault))
             .route("/_/dev/tasks", get(dev_tasks))
             .with_state(self.clone())
     }
 
     /// Serves on `addr` until `stop` is cancelled; returns the bound address.
-    pub async fn spawn(
-        &self,
-        addr: SocketAddr,
-        stop: CancellationToken,
-    ) -> Result<SocketAddr, Error> {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| Error::Bind { addr, source })?;
-        let local = listener
-            .local_addr()
-            .map_err(|source| Error::Bind { addr, source })?;
+    pub async fn spawn(&self, addr: SocketAddr, stop: CancellationToken) -> Result<SocketAddr, Error> {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+        let local = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
         let router = self.router();
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-            {
+            if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await {
                 tracing::error!(error = %e, "development CTFE failed");
             }
         });
@@ -319,31 +274,19 @@ impl DevCtfe {
 
     /// Enqueues every file of `dir` in file-name order.
     pub fn load_dir(&self, dir: &Path) -> Result<usize, Error> {
-        let read = |source| Error::Read {
-            path: dir.display().to_string(),
-            source,
-        };
-        let mut paths: Vec<_> = std::fs::read_dir(dir)
-            .map_err(read)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
+        let read = |source| Error::Read { path: dir.display().to_string(), source };
+        let mut paths: Vec<_> =
+            std::fs::read_dir(dir).map_err(read)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
         paths.sort();
         let mut count = 0;
         for path in paths.iter().filter(|p| p.is_file()) {
-            let bytes = std::fs::read(path).map_err(|source| Error::Read {
-                path: path.display().to_string(),
-                source,
-            })?;
+            let bytes =
+                std::fs::read(path).map_err(|source| Error::Read { path: path.display().to_string(), source })?;
             match self.enqueue(&bytes) {
                 Ok(_) => count += 1,
                 // The empty envelope (fixtures/empty.pending.json) holds no task: skip it.
                 Err(reason) if reason == "the envelope holds no task" => {}
-                Err(reason) => {
-                    return Err(Error::BadEnvelope {
-                        path: path.display().to_string(),
-                        reason,
-                    })
-                }
+                Err(reason) => return Err(Error::BadEnvelope { path: path.display().to_string(), reason }),
             }
         }
         Ok(count)
@@ -369,20 +312,12 @@ fn envelope_bytes(task: Option<&Task>) -> Vec<u8> {
 }
 
 fn text_error(message: String) -> Response {
-    (
-        StatusCode::INTERNAL_SERVER_ERROR,
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        format!("{message}\n"),
-    )
+    (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{message}\n"))
         .into_response()
 }
 
 async fn get_oldest(State(ctfe): State<DevCtfe>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        ctfe.oldest_pending_body(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], ctfe.oldest_pending_body()).into_response()
 }
 
 async fn terminate(State(ctfe): State<DevCtfe>) -> Response {
@@ -393,9 +328,7 @@ async fn terminate(State(ctfe): State<DevCtfe>) -> Response {
 /// Logs every request to a CTFE route, then applies the first matching fault, if any.
 async fn record_and_fault(State(ctfe): State<DevCtfe>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
-    let bytes = axum::body::to_bytes(body, 64 << 20)
-        .await
-        .unwrap_or_default();
+    let bytes = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
     let path = parts.uri.path().to_owned();
     let fault = {
         let mut queue = ctfe.lock();
@@ -404,9 +337,10 @@ async fn record_and_fault(State(ctfe): State<DevCtfe>, request: Request, next: N
             path: path.clone(),
             body: String::from_utf8_lossy(&bytes).into_owned(),
         });
-        let index = queue.faults.iter().position(|f| {
-            f.path == path || f.path.trim_start_matches('/') == path.trim_start_matches('/')
-        });
+        let index = queue
+            .faults
+            .iter()
+            .position(|f| f.path == path || f.path.trim_start_matches('/') == path.trim_start_matches('/'));
         index.map(|i| {
             let fault = queue.faults[i].clone();
             if fault.times <= 1 {
@@ -421,11 +355,8 @@ async fn record_and_fault(State(ctfe): State<DevCtfe>, request: Request, next: N
         tokio::time::sleep(Duration::from_millis(fault.delay_ms)).await;
         if let Some(status) = fault.status {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let content_type = if fault.body.trim_start().starts_with('{') {
-                "application/json"
-            } else {
-                "text/plain; charset=utf-8"
-            };
+            let content_type =
+                if fault.body.trim_start().starts_with('{') { "application/json" } else { "text/plain; charset=utf-8" };
             return (status, [(header::CONTENT_TYPE, content_type)], fault.body).into_response();
         }
     }
@@ -461,11 +392,7 @@ async fn dev_tasks(State(ctfe): State<DevCtfe>) -> Response {
 }
 
 /// `ct-poller dev-ctfe`: serve until SIGTERM/SIGINT.
-pub async fn serve(
-    addr: SocketAddr,
-    tasks: Option<&Path>,
-    shutdown: Shutdown,
-) -> Result<(), Error> {
+pub async fn serve(addr: SocketAddr, tasks: Option<&Path>, shutdown: Shutdown) -> Result<(), Error> {
     let ctfe = DevCtfe::new();
     if let Some(dir) = tasks {
         let n = ctfe.load_dir(dir)?;

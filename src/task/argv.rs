@@ -51,11 +51,7 @@ fn render(arg: &Arg, pending: &Pending, run_id: &str, settings: &ScriptSettings)
         Arg::RunId => run_id.to_owned(),
         Arg::RunsOnGce => runs_on_gce(pending.spec(), task).to_string(),
         Arg::ChromiumBuild => {
-            format!(
-                "{}-{}",
-                trunc14(&text(task, Field::ChromiumRev)),
-                trunc14(&text(task, Field::SkiaRev))
-            )
+            format!("{}-{}", trunc14(&text(task, Field::ChromiumRev)), trunc14(&text(task, Field::SkiaRev)))
         }
         Arg::Setting(Setting::EmailClientSecretFile) => settings.email_client_secret_file.clone(),
         Arg::Setting(Setting::EmailTokenCacheFile) => settings.email_token_cache_file.clone(),
@@ -77,9 +73,7 @@ fn text(task: &Task, field: Field) -> String {
 
 /// `ctutil.ChromiumBuildDir`'s truncation: the first 14 characters, or all if shorter.
 fn trunc14(hash: &str) -> &str {
-    hash.char_indices()
-        .nth(14)
-        .map_or(hash, |(i, _)| &hash[..i])
+    hash.char_indices().nth(14).map_or(hash, |(i, _)| &hash[..i])
 }
 
 /// The kind's `RunsOnGCEWorkers()`.
@@ -87,10 +81,7 @@ pub fn runs_on_gce(spec: &KindSpec, task: &Task) -> bool {
     match spec.gce {
         Gce::Never => false,
         Gce::Always => true,
-        Gce::When {
-            flag,
-            unless: (field, value),
-        } => {
+        Gce::When { flag, unless: (field, value) } => {
             task.get(flag) == Some(Value::Bool(true)) && task.get(field) != Some(Value::Str(value))
         }
     }
@@ -137,15 +128,7 @@ pub fn go_timestamp(at: DateTime<Utc>) -> String {
 /// file name, a GCS path and a Swarming tag.
 pub fn sanitize_user(username: &str) -> String {
     let user = username.split('@').next().unwrap_or_default();
-    user.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    user.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' }).collect()
 }
 
 /// Hands out run ids `<user>-<YYYYMMDDhhmmss>[-N]` that never repeat: unique among the
@@ -183,12 +166,7 @@ impl RunId {
 
 impl Drop for RunId {
     fn drop(&mut self) {
-        self.owner
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .active
-            .remove(&self.id);
+        self.owner.0.lock().unwrap_or_else(PoisonError::into_inner).active.remove(&self.id);
     }
 }
 
@@ -201,8 +179,7 @@ impl RunIds {
             state.second = ts;
             state.issued_this_second.clear();
         }
-        let taken =
-            |s: &RunIdState, id: &str| s.active.contains(id) || s.issued_this_second.contains(id);
+        let taken = |s: &RunIdState, id: &str| s.active.contains(id) || s.issued_this_second.contains(id);
         let mut id = base.clone();
         let mut n = 1;
         while taken(&state, &id) {
@@ -211,20 +188,12 @@ impl RunIds {
         }
         state.issued_this_second.insert(id.clone());
         state.active.insert(id.clone());
-        RunId {
-            id,
-            started: now,
-            owner: self.clone(),
-        }
+        RunId { id, started: now, owner: self.clone() }
     }
 
     /// Number of run ids currently held (for leak checks).
     pub fn active(&self) -> usize {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .active
-            .len()
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).active.len()
     }
 }
 
@@ -236,10 +205,7 @@ mod tests {
 
     #[test]
     fn truncates_hashes_like_go() {
-        assert_eq!(
-            trunc14("c14d891d44f0afff64e56ed7c9702df1d807b1ee"),
-            "c14d891d44f0af"
-        );
+        assert_eq!(trunc14("c14d891d44f0afff64e56ed7c9702df1d807b1ee"), "c14d891d44f0af");
         assert_eq!(trunc14("abc"), "abc");
         assert_eq!(trunc14(""), "");
     }
@@ -254,15 +220,9 @@ mod tests {
         assert_eq!(b.as_str(), "superman-20190115195438-2");
         drop(a);
         // Released, but issued this second: still not reused.
-        assert_eq!(
-            ids.allocate("superman@x", t).as_str(),
-            "superman-20190115195438-3"
-        );
+        assert_eq!(ids.allocate("superman@x", t).as_str(), "superman-20190115195438-3");
         assert_eq!(ids.allocate("a b;c@d", t).as_str(), "a_b_c-20190115195438");
-        assert_eq!(
-            ids.allocate("../../x@y", t).as_str(),
-            ".._.._x-20190115195438"
-        );
+        assert_eq!(ids.allocate("../../x@y", t).as_str(), ".._.._x-20190115195438");
     }
 
     proptest! {

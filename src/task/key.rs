@@ -66,11 +66,7 @@ impl DatastoreKey {
         if id == 0 {
             return Err(Error::NoId);
         }
-        Ok(Self {
-            namespace,
-            kind,
-            id,
-        })
+        Ok(Self { namespace, kind, id })
     }
 
     /// Encodes as Go's `Key.Encode()` does (no padding, fields in number order).
@@ -104,11 +100,7 @@ struct Fields<'a> {
 
 impl<'a> Fields<'a> {
     fn new(buf: &'a [u8]) -> Self {
-        Self {
-            buf,
-            pos: 0,
-            failed: false,
-        }
+        Self { buf, pos: 0, failed: false }
     }
 
     fn varint(&mut self) -> Result<u64, Error> {
@@ -186,21 +178,12 @@ mod tests {
 
     #[test]
     fn decodes_the_spec_worked_example() {
-        let key =
-            DatastoreKey::decode("ChMiEWNsdXN0ZXItdGVsZW1ldHJ5EhUKEUNocm9taXVtUGVyZlRhc2tzECo")
-                .unwrap();
+        let key = DatastoreKey::decode("ChMiEWNsdXN0ZXItdGVsZW1ldHJ5EhUKEUNocm9taXVtUGVyZlRhc2tzECo").unwrap();
         assert_eq!(
             key,
-            DatastoreKey {
-                namespace: "cluster-telemetry".into(),
-                kind: "ChromiumPerfTasks".into(),
-                id: 42
-            }
+            DatastoreKey { namespace: "cluster-telemetry".into(), kind: "ChromiumPerfTasks".into(), id: 42 }
         );
-        assert_eq!(
-            key.encode(),
-            "ChMiEWNsdXN0ZXItdGVsZW1ldHJ5EhUKEUNocm9taXVtUGVyZlRhc2tzECo"
-        );
+        assert_eq!(key.encode(), "ChMiEWNsdXN0ZXItdGVsZW1ldHJ5EhUKEUNocm9taXVtUGVyZlRhc2tzECo");
     }
 
     #[test]
@@ -210,30 +193,19 @@ mod tests {
         assert_eq!(key.kind, "RecreateWebpageArchivesTasks");
         assert_eq!(key.id, 42);
         // Padding is accepted too.
-        assert_eq!(
-            DatastoreKey::decode("EiAKHFJlY3JlYXRlV2VicGFnZUFyY2hpdmVzVGFza3MQKg==")
-                .unwrap()
-                .id,
-            42
-        );
+        assert_eq!(DatastoreKey::decode("EiAKHFJlY3JlYXRlV2VicGFnZUFyY2hpdmVzVGFza3MQKg==").unwrap().id, 42);
     }
 
     #[test]
     fn rejects_garbage() {
         assert_eq!(DatastoreKey::decode("not base64!"), Err(Error::Base64));
         assert_eq!(DatastoreKey::decode(""), Err(Error::NoPath));
-        assert!(matches!(
-            DatastoreKey::decode("EiAKHFJl"),
-            Err(Error::Protobuf(_))
-        ));
+        assert!(matches!(DatastoreKey::decode("EiAKHFJl"), Err(Error::Protobuf(_))));
         // A named key (field 3) has no numeric ID.
         let named = URL_SAFE_NO_PAD.encode([0x12, 0x05, 0x0a, 0x01, b'K', 0x1a, 0x00]);
         assert_eq!(DatastoreKey::decode(&named), Err(Error::NoId));
         // Group wire types are not valid here.
-        assert!(matches!(
-            DatastoreKey::decode(&URL_SAFE_NO_PAD.encode([0x0b])),
-            Err(Error::Protobuf(_))
-        ));
+        assert!(matches!(DatastoreKey::decode(&URL_SAFE_NO_PAD.encode([0x0b])), Err(Error::Protobuf(_))));
     }
 
     proptest! {

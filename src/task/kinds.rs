@@ -88,18 +88,9 @@ pub struct KindSpec {
 use Arg::{Bare, ChromiumBuild, Const, Emails, RunId, RunsOnGce, TaskId};
 use Field as F;
 
-const E1: (&str, Arg) = (
-    "email_client_secret_file",
-    Arg::Setting(Setting::EmailClientSecretFile),
-);
-const E2: (&str, Arg) = (
-    "email_token_cache_file",
-    Arg::Setting(Setting::EmailTokenCacheFile),
-);
-const SA: (&str, Arg) = (
-    "service_account_file",
-    Arg::Setting(Setting::ServiceAccountFile),
-);
+const E1: (&str, Arg) = ("email_client_secret_file", Arg::Setting(Setting::EmailClientSecretFile));
+const E2: (&str, Arg) = ("email_token_cache_file", Arg::Setting(Setting::EmailTokenCacheFile));
+const SA: (&str, Arg) = ("service_account_file", Arg::Setting(Setting::ServiceAccountFile));
 const LOCAL: (&str, Arg) = ("local", Arg::Setting(Setting::Local));
 const LOG: (&str, Arg) = ("logtostderr", Bare);
 
@@ -112,10 +103,7 @@ const ANALYSIS_PATCHES: &[(&str, FileFrom)] = &[
     (".skia.patch", FileFrom::Patch(F::SkiaPatchGSPath)),
     (".v8.patch", FileFrom::Patch(F::V8PatchGSPath)),
     (".catapult.patch", FileFrom::Patch(F::CatapultPatchGSPath)),
-    (
-        ".custom_webpages.csv",
-        FileFrom::Patch(F::CustomWebpagesGSPath),
-    ),
+    (".custom_webpages.csv", FileFrom::Patch(F::CustomWebpagesGSPath)),
 ];
 
 /// Indexed by `Kind as usize`; a unit test checks the order.
@@ -154,10 +142,7 @@ pub static KINDS: [KindSpec; 9] = [
         update_path: "_/update_chromium_analysis_task",
         update_type: "chromium_analysis.UpdateVars",
         update_extras: &[F::RawOutput],
-        gce: Gce::When {
-            flag: F::RunOnGCE,
-            unless: (F::Platform, "Android"),
-        },
+        gce: Gce::When { flag: F::RunOnGCE, unless: (F::Platform, "Android") },
         flags: &[
             ("emails", Emails { with_cc: true }),
             field("description", F::Description),
@@ -263,10 +248,7 @@ pub static KINDS: [KindSpec; 9] = [
             SA,
             LOCAL,
         ],
-        files: &[
-            (".lua", FileFrom::Text(F::LuaScript)),
-            (".aggregator", FileFrom::TextIfSet(F::LuaAggregatorScript)),
-        ],
+        files: &[(".lua", FileFrom::Text(F::LuaScript)), (".aggregator", FileFrom::TextIfSet(F::LuaAggregatorScript))],
     },
     KindSpec {
         kind: Kind::MetricsAnalysis,
@@ -328,10 +310,7 @@ pub static KINDS: [KindSpec; 9] = [
         files: &[
             (".chromium.patch", FileFrom::Patch(F::ChromiumPatchGSPath)),
             (".skia.patch", FileFrom::Patch(F::SkiaPatchGSPath)),
-            (
-                ".custom_webpages.csv",
-                FileFrom::Patch(F::CustomWebpagesGSPath),
-            ),
+            (".custom_webpages.csv", FileFrom::Patch(F::CustomWebpagesGSPath)),
         ],
     },
     KindSpec {

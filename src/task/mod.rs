@@ -175,9 +175,9 @@ impl DecodeError {
     /// The kind, when the envelope named a known one (a bad task of a known kind).
     pub fn kind(&self) -> Option<Kind> {
         match self {
-            DecodeError::Task { kind, .. }
-            | DecodeError::MissingKey { kind }
-            | DecodeError::BadKey { kind, .. } => Some(*kind),
+            DecodeError::Task { kind, .. } | DecodeError::MissingKey { kind } | DecodeError::BadKey { kind, .. } => {
+                Some(*kind)
+            }
             _ => None,
         }
     }
@@ -209,19 +209,10 @@ pub fn decode_envelope(body: &[u8]) -> Result<Option<Pending>, DecodeError> {
 
 /// Decodes one task object and its key.
 pub fn decode_task(kind: Kind, object: Json) -> Result<Pending, DecodeError> {
-    let task =
-        Task::from_json(kind, object).map_err(|source| DecodeError::Task { kind, source })?;
-    let encoded = task
-        .common()
-        .DatastoreKey
-        .as_deref()
-        .ok_or(DecodeError::MissingKey { kind })?;
-    let key =
-        DatastoreKey::decode(encoded).map_err(|source| DecodeError::BadKey { kind, source })?;
-    Ok(Pending {
-        key: TaskKey { kind, id: key.id },
-        task,
-    })
+    let task = Task::from_json(kind, object).map_err(|source| DecodeError::Task { kind, source })?;
+    let encoded = task.common().DatastoreKey.as_deref().ok_or(DecodeError::MissingKey { kind })?;
+    let key = DatastoreKey::decode(encoded).map_err(|source| DecodeError::BadKey { kind, source })?;
+    Ok(Pending { key: TaskKey { kind, id: key.id }, task })
 }
 
 #[cfg(test)]
@@ -245,9 +236,7 @@ mod tests {
 
     /// A random task object of `kind` with a valid key, as CTFE would send it.
     fn task_object(kind: Kind) -> impl Strategy<Value = (Kind, Json, i64)> {
-        let zero = Task::from_json(kind, Json::Object(Default::default()))
-            .unwrap()
-            .to_json();
+        let zero = Task::from_json(kind, Json::Object(Default::default())).unwrap().to_json();
         let fields: Vec<(String, BoxedStrategy<Json>)> = zero
             .as_object()
             .unwrap()
@@ -258,13 +247,9 @@ mod tests {
         let names: Vec<String> = fields.iter().map(|(n, _)| n.clone()).collect();
         let values: Vec<BoxedStrategy<Json>> = fields.into_iter().map(|(_, s)| s).collect();
         (values, 1i64..i64::MAX).prop_map(move |(values, id)| {
-            let mut object: serde_json::Map<String, Json> =
-                names.iter().cloned().zip(values).collect();
-            let key = DatastoreKey {
-                namespace: "cluster-telemetry".into(),
-                kind: kind.spec().datastore_kind.into(),
-                id,
-            };
+            let mut object: serde_json::Map<String, Json> = names.iter().cloned().zip(values).collect();
+            let key =
+                DatastoreKey { namespace: "cluster-telemetry".into(), kind: kind.spec().datastore_kind.into(), id };
             object.insert("DatastoreKey".into(), Json::from(key.encode()));
             (kind, Json::Object(object), id)
         })
@@ -308,9 +293,7 @@ mod tests {
     fn decodes_with_go_leniency() {
         let pending = decode_envelope(PERF.as_bytes()).unwrap().unwrap();
         assert_eq!(pending.key.to_string(), "ChromiumPerf.42");
-        let Task::ChromiumPerf(perf) = &pending.task else {
-            panic!("wrong kind")
-        };
+        let Task::ChromiumPerf(perf) = &pending.task else { panic!("wrong kind") };
         assert_eq!(perf.CCList, None);
         assert_eq!(perf.RepeatRuns, 0);
         assert_eq!(perf.common.Username, "a@b");
@@ -328,33 +311,17 @@ mod tests {
         assert_eq!(label("nope"), "malformed");
         assert_eq!(label("[1]"), "malformed");
         assert_eq!(label("{}"), "unknown_kind");
-        assert_eq!(
-            label(r#"{"ChromiumPerf":null,"FooBar":{"Id":1}}"#),
-            "unknown_kind"
-        );
+        assert_eq!(label(r#"{"ChromiumPerf":null,"FooBar":{"Id":1}}"#), "unknown_kind");
         assert_eq!(label(r#"{"ChromiumPerf":{"Username":"x"}}"#), "bad_key");
-        assert_eq!(
-            label(r#"{"ChromiumPerf":{"DatastoreKey":"!!"}}"#),
-            "bad_key"
-        );
+        assert_eq!(label(r#"{"ChromiumPerf":{"DatastoreKey":"!!"}}"#), "bad_key");
         assert_eq!(label(r#"{"ChromiumPerf":{"RepeatRuns":1.5}}"#), "bad_task");
         assert_eq!(label(r#"{"ChromiumPerf":{"TsAdded":"x"}}"#), "bad_task");
     }
 
     #[test]
     fn first_member_in_precedence_order_wins() {
-        let key = DatastoreKey {
-            namespace: String::new(),
-            kind: "K".into(),
-            id: 7,
-        }
-        .encode();
-        let body = format!(
-            r#"{{"PixelDiff":{{"DatastoreKey":"{key}"}},"CaptureSkps":{{"DatastoreKey":"{key}"}}}}"#
-        );
-        assert_eq!(
-            decode_envelope(body.as_bytes()).unwrap().unwrap().key.kind,
-            Kind::CaptureSkps
-        );
+        let key = DatastoreKey { namespace: String::new(), kind: "K".into(), id: 7 }.encode();
+        let body = format!(r#"{{"PixelDiff":{{"DatastoreKey":"{key}"}},"CaptureSkps":{{"DatastoreKey":"{key}"}}}}"#);
+        assert_eq!(decode_envelope(body.as_bytes()).unwrap().unwrap().key.kind, Kind::CaptureSkps);
     }
 }

@@ -28,12 +28,7 @@ pub const KINDS: [&str; 9] = [
 ];
 
 pub fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(name),
-    )
-    .unwrap()
+    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)).unwrap()
 }
 
 pub fn fixture_json(name: &str) -> Value {
@@ -44,10 +39,7 @@ pub fn fixture_json(name: &str) -> Value {
 pub async fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + timeout;
     while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -60,10 +52,7 @@ where
 {
     let deadline = tokio::time::Instant::now() + timeout;
     while !cond().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -80,10 +69,7 @@ impl Harness {
     pub async fn new() -> Harness {
         let ctfe = DevCtfe::new();
         let ctfe_stop = CancellationToken::new();
-        let ctfe_addr = ctfe
-            .spawn(SocketAddr::from(([127, 0, 0, 1], 0)), ctfe_stop.clone())
-            .await
-            .unwrap();
+        let ctfe_addr = ctfe.spawn(SocketAddr::from(([127, 0, 0, 1], 0)), ctfe_stop.clone()).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         for sub in ["work", "scripts", "store", "records"] {
             std::fs::create_dir(dir.path().join(sub)).unwrap();
@@ -98,19 +84,10 @@ impl Harness {
         config.patch_store = PatchStoreUrl::File(dir.path().join("store"));
         config.autoscaler.kind = AutoscalerKind::None;
         config.drain_timeout = Duration::from_secs(30);
-        config.child_env = vec![(
-            "RECORD_DIR".into(),
-            dir.path().join("records").display().to_string(),
-        )];
+        config.child_env = vec![("RECORD_DIR".into(), dir.path().join("records").display().to_string())];
         // No .gitcookies refresher: tests never touch the real ~/.gitcookies or git config.
         config.google.home = None;
-        Harness {
-            ctfe,
-            ctfe_addr,
-            ctfe_stop,
-            dir,
-            config,
-        }
+        Harness { ctfe, ctfe_addr, ctfe_stop, dir, config }
     }
 
     pub fn work_dir(&self) -> PathBuf {
@@ -157,9 +134,7 @@ exit {exit_code}
 
     pub async fn start(&self) -> (Daemon, Shutdown) {
         let shutdown = Shutdown::new();
-        let daemon = ct_poller::start(self.config.clone(), shutdown.clone())
-            .await
-            .unwrap();
+        let daemon = ct_poller::start(self.config.clone(), shutdown.clone()).await.unwrap();
         (daemon, shutdown)
     }
 
@@ -181,20 +156,11 @@ exit {exit_code}
     }
 
     pub fn updates(&self) -> Vec<LoggedRequest> {
-        self.log()
-            .into_iter()
-            .filter(|r| r.path.starts_with("/_/update_"))
-            .collect()
+        self.log().into_iter().filter(|r| r.path.starts_with("/_/update_")).collect()
     }
 
     pub fn fault(&self, path: &str, status: Option<u16>, body: &str, times: u32, delay_ms: u64) {
-        self.ctfe.add_fault(Fault {
-            path: path.into(),
-            status,
-            body: body.into(),
-            times,
-            delay_ms,
-        });
+        self.ctfe.add_fault(Fault { path: path.into(), status, body: body.into(), times, delay_ms });
     }
 
     pub fn work_dir_entries(&self) -> Vec<String> {
@@ -212,17 +178,11 @@ pub struct Record {
 impl Record {
     pub fn argv(&self) -> Vec<String> {
         let raw = std::fs::read(self.dir.join("argv")).unwrap();
-        raw.split(|&b| b == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| String::from_utf8(s.to_vec()).unwrap())
-            .collect()
+        raw.split(|&b| b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8(s.to_vec()).unwrap()).collect()
     }
 
     pub fn run_id(&self) -> String {
-        self.argv()
-            .iter()
-            .find_map(|a| a.strip_prefix("--run_id=").map(str::to_owned))
-            .expect("--run_id passed")
+        self.argv().iter().find_map(|a| a.strip_prefix("--run_id=").map(str::to_owned)).expect("--run_id passed")
     }
 
     pub fn env(&self) -> String {
@@ -235,10 +195,7 @@ impl Record {
             .unwrap()
             .map(|e| {
                 let e = e.unwrap();
-                (
-                    e.file_name().to_string_lossy().into_owned(),
-                    std::fs::read(e.path()).unwrap(),
-                )
+                (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())
             })
             .collect()
     }
@@ -251,12 +208,7 @@ impl Record {
 /// Scrapes `/metrics` and returns the value of the series named exactly `series`
 /// (e.g. `ct_poller_polls_total{result="empty"}`).
 pub async fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
-    let text = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let text = reqwest::get(format!("http://{addr}/metrics")).await.ok()?.text().await.ok()?;
     text.lines().find_map(|line| {
         let (name, value) = line.rsplit_once(' ')?;
         (name == series).then(|| value.parse().ok()).flatten()

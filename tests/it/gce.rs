@@ -126,21 +126,12 @@ impl Fake {
     }
 
     fn take_fault(&mut self, call: Call, instance: &str) -> Option<Failure> {
-        let fault = self
-            .faults
-            .iter_mut()
-            .find(|f| f.call == call && f.instance == instance && f.times > 0)?;
+        let fault = self.faults.iter_mut().find(|f| f.call == call && f.instance == instance && f.times > 0)?;
         fault.times -= 1;
         Some(fault.failure)
     }
 
-    fn answer(
-        &mut self,
-        method: &Method,
-        path: &str,
-        headers: &HeaderMap,
-        body: &[u8],
-    ) -> (StatusCode, String) {
+    fn answer(&mut self, method: &Method, path: &str, headers: &HeaderMap, body: &[u8]) -> (StatusCode, String) {
         let now = Instant::now();
         self.apply(now);
         if path == "/computeMetadata/v1/instance/service-accounts/default/token" {
@@ -151,51 +142,28 @@ impl Fake {
             let token = json!({"access_token": format!("meta-{}", self.token_calls), "expires_in": self.token_expires_in, "token_type": "Bearer"});
             return (StatusCode::OK, token.to_string());
         }
-        let authorization = headers
-            .get("authorization")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
+        let authorization = headers.get("authorization").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        let not_found = (
-            StatusCode::NOT_FOUND,
-            r#"{"error":{"code":404}}"#.to_owned(),
-        );
+        let not_found = (StatusCode::NOT_FOUND, r#"{"error":{"code":404}}"#.to_owned());
         let (call, answer) = match (method.as_str(), segments.as_slice()) {
-            (
-                "POST",
-                ["compute", "v1", "projects", PROJECT, "zones", ZONE, "instances", name, verb],
-            ) => {
+            ("POST", ["compute", "v1", "projects", PROJECT, "zones", ZONE, "instances", name, verb]) => {
                 let (call, to) = match *verb {
                     "start" => (Call::Start, "RUNNING"),
                     "stop" => (Call::Stop, "TERMINATED"),
                     _ => return not_found,
                 };
                 let name = name.to_string();
-                let answer = match (
-                    self.instances.get(&name).copied(),
-                    self.take_fault(call, &name),
-                ) {
+                let answer = match (self.instances.get(&name).copied(), self.take_fault(call, &name)) {
                     (None, _) => not_found.clone(),
-                    (Some(_), Some(Failure::Status(code))) => (
-                        StatusCode::from_u16(code).unwrap(),
-                        r#"{"error":{"message":"injected"}}"#.into(),
-                    ),
+                    (Some(_), Some(Failure::Status(code))) => {
+                        (StatusCode::from_u16(code).unwrap(), r#"{"error":{"message":"injected"}}"#.into())
+                    }
                     (Some(status), failure) => {
                         self.next_op += 1;
                         let op_name = format!("operation-{}", self.next_op);
                         let error = matches!(failure, Some(Failure::Operation));
-                        let delay = if status == to && !error {
-                            Duration::ZERO
-                        } else {
-                            self.op_delay
-                        };
-                        let op = FakeOp {
-                            instance: name.clone(),
-                            to,
-                            done_at: now + delay,
-                            error,
-                            applied: false,
-                        };
+                        let delay = if status == to && !error { Duration::ZERO } else { self.op_delay };
+                        let op = FakeOp { instance: name.clone(), to, done_at: now + delay, error, applied: false };
                         self.operations.insert(op_name.clone(), op);
                         self.apply(now);
                         (StatusCode::OK, self.op_json(&op_name).to_string())
@@ -205,10 +173,7 @@ impl Fake {
             }
             ("GET", ["compute", "v1", "projects", PROJECT, "zones", ZONE, "instances", name]) => {
                 let answer = match self.instances.get(*name) {
-                    Some(status) => (
-                        StatusCode::OK,
-                        json!({"name": name, "status": status}).to_string(),
-                    ),
+                    Some(status) => (StatusCode::OK, json!({"name": name, "status": status}).to_string()),
                     None => not_found.clone(),
                 };
                 (None, answer)
@@ -234,11 +199,7 @@ impl Fake {
             }
             _ => (None, not_found.clone()),
         };
-        self.log.push(Logged {
-            path: path.to_owned(),
-            call,
-            authorization,
-        });
+        self.log.push(Logged { path: path.to_owned(), call, authorization });
         answer
     }
 
@@ -247,10 +208,7 @@ impl Fake {
             return (StatusCode::from_u16(code).unwrap(), "injected".into());
         }
         if self.instances.get(bot).is_some_and(|s| *s != "TERMINATED") {
-            self.violations.push(format!(
-                "bot {bot} deleted while its instance is {}",
-                self.instances[bot]
-            ));
+            self.violations.push(format!("bot {bot} deleted while its instance is {}", self.instances[bot]));
         }
         if self.bots.remove(bot) {
             (StatusCode::OK, format!("{prefix}{{\"deleted\":true}}"))
@@ -323,12 +281,7 @@ impl Google {
     }
 
     fn fault(&self, call: Call, instance: &str, failure: Failure, times: u32) {
-        self.lock().faults.push(Fault {
-            call,
-            instance: instance.into(),
-            failure,
-            times,
-        });
+        self.lock().faults.push(Fault { call, instance: instance.into(), failure, times });
     }
 
     /// The calls of one kind, in arrival order, by instance or bot name.
@@ -336,22 +289,13 @@ impl Google {
         self.lock()
             .log
             .iter()
-            .filter_map(|l| {
-                l.call
-                    .as_ref()
-                    .filter(|(c, _)| *c == call)
-                    .map(|(_, n)| n.clone())
-            })
+            .filter_map(|l| l.call.as_ref().filter(|(c, _)| *c == call).map(|(_, n)| n.clone()))
             .collect()
     }
 
     /// The sequence of calls (start, stop, delete) in arrival order.
     fn sequence(&self) -> Vec<Call> {
-        self.lock()
-            .log
-            .iter()
-            .filter_map(|l| l.call.as_ref().map(|(c, _)| *c))
-            .collect()
+        self.lock().log.iter().filter_map(|l| l.call.as_ref().map(|(c, _)| *c)).collect()
     }
 
     fn all(&self, status: &str) -> bool {
@@ -367,11 +311,7 @@ impl Google {
     }
 
     fn authorizations(&self) -> BTreeSet<String> {
-        self.lock()
-            .log
-            .iter()
-            .map(|l| l.authorization.clone())
-            .collect()
+        self.lock().log.iter().map(|l| l.authorization.clone()).collect()
     }
 
     /// An `[autoscaler]` pointing at this fake, with short timings.
@@ -417,20 +357,12 @@ fn fast() -> Timing {
 
 fn autoscaler(google: &Google, config: &AutoscalerConfig) -> (GceAutoscaler, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
-    let a = GceAutoscaler::new(
-        config,
-        google.tokens(),
-        Arc::clone(&metrics),
-        CancellationToken::new(),
-    );
+    let a = GceAutoscaler::new(config, google.tokens(), Arc::clone(&metrics), CancellationToken::new());
     (a, metrics)
 }
 
 fn key(id: i64) -> TaskKey {
-    TaskKey {
-        kind: Kind::PixelDiff,
-        id,
-    }
+    TaskKey { kind: Kind::PixelDiff, id }
 }
 
 fn errors(metrics: &Metrics, op: &str) -> u64 {
@@ -438,15 +370,8 @@ fn errors(metrics: &Metrics, op: &str) -> u64 {
 }
 
 async fn settled(a: &GceAutoscaler, fleet: Fleet) {
-    let want = Snapshot {
-        registered: 0,
-        waiting: 0,
-        fleet,
-    };
-    wait_until(T, &format!("the autoscaler to settle {fleet:?}"), || {
-        a.snapshot() == want
-    })
-    .await;
+    let want = Snapshot { registered: 0, waiting: 0, fleet };
+    wait_until(T, &format!("the autoscaler to settle {fleet:?}"), || a.snapshot() == want).await;
 }
 
 // ---------------------------------------------------------------------------------
@@ -466,17 +391,10 @@ async fn start_up_stops_the_fleet_then_deletes_its_bots_and_404_is_fine() {
     assert_eq!(google.calls(Call::DeleteBot).len(), 3);
     assert_eq!(google.calls(Call::Start).len(), 0);
     let seq = google.sequence();
-    assert_eq!(
-        &seq[..3],
-        [Call::Stop; 3],
-        "bots are deleted only after the stops: {seq:?}"
-    );
+    assert_eq!(&seq[..3], [Call::Stop; 3], "bots are deleted only after the stops: {seq:?}");
     assert!(google.violations().is_empty(), "{:?}", google.violations());
     assert_eq!(errors(&metrics, "delete_bot"), 0, "a 404 is not an error");
-    assert_eq!(
-        google.authorizations(),
-        BTreeSet::from(["Bearer meta-1".to_owned()])
-    );
+    assert_eq!(google.authorizations(), BTreeSet::from(["Bearer meta-1".to_owned()]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -497,12 +415,7 @@ async fn the_v1_bot_endpoint_is_used_on_request() {
         .filter(|l| matches!(l.call, Some((Call::DeleteBot, _))))
         .map(|l| l.path.clone())
         .collect();
-    assert!(
-        paths
-            .iter()
-            .all(|p| p.starts_with("/_ah/api/swarming/v1/bot/") && p.ends_with("/delete")),
-        "{paths:?}"
-    );
+    assert!(paths.iter().all(|p| p.starts_with("/_ah/api/swarming/v1/bot/") && p.ends_with("/delete")), "{paths:?}");
     assert!(google.bots().is_empty());
     assert_eq!(errors(&metrics, "delete_bot"), 0);
 }
@@ -529,45 +442,23 @@ async fn overlapping_registrations_share_one_start_and_the_last_one_stops() {
         t.await.unwrap().unwrap();
     }
     late.await.unwrap().unwrap();
-    assert_eq!(
-        a.snapshot(),
-        Snapshot {
-            registered: 5,
-            waiting: 0,
-            fleet: Fleet::Up
-        }
-    );
+    assert_eq!(a.snapshot(), Snapshot { registered: 5, waiting: 0, fleet: Fleet::Up });
     assert_eq!(metrics.gce_bots_up.get(), 1);
     assert!(google.all("RUNNING"));
     let mut started = google.calls(Call::Start);
     started.sort();
-    assert_eq!(
-        started,
-        ["ct-gce-001", "ct-gce-002", "ct-gce-003"],
-        "one start per instance"
-    );
+    assert_eq!(started, ["ct-gce-001", "ct-gce-002", "ct-gce-003"], "one start per instance");
     // A registration once the fleet is up returns at once; the same key counts twice.
     a.register(&key(5)).await.unwrap();
     assert_eq!(a.snapshot().registered, 6);
     for id in [1, 2, 3, 4, 5] {
         a.unregister(&key(id)).await.unwrap();
     }
-    assert_eq!(
-        google.calls(Call::Stop).len(),
-        3,
-        "only the start-up stop so far"
-    );
+    assert_eq!(google.calls(Call::Stop).len(), 3, "only the start-up stop so far");
     assert_eq!(metrics.gce_bots_up.get(), 1);
     a.unregister(&key(5)).await.unwrap();
     // The last unregister returns once the fleet is down.
-    assert_eq!(
-        a.snapshot(),
-        Snapshot {
-            registered: 0,
-            waiting: 0,
-            fleet: Fleet::Down
-        }
-    );
+    assert_eq!(a.snapshot(), Snapshot { registered: 0, waiting: 0, fleet: Fleet::Down });
     assert_eq!(metrics.gce_bots_up.get(), 0);
     assert!(google.all("TERMINATED"));
     assert_eq!(google.calls(Call::Stop).len(), 6);
@@ -578,10 +469,7 @@ async fn overlapping_registrations_share_one_start_and_the_last_one_stops() {
     assert_eq!(tail[..3], [Call::Stop; 3], "stops, then deletions: {seq:?}");
     assert_eq!(tail[3..], [Call::DeleteBot; 3]);
     assert!(google.violations().is_empty(), "{:?}", google.violations());
-    assert!(matches!(
-        a.unregister(&key(9)).await,
-        Err(Error::NotRegistered)
-    ));
+    assert!(matches!(a.unregister(&key(9)).await, Err(Error::NotRegistered)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -594,14 +482,7 @@ async fn instance_start_failures_are_retried() {
     assert!(google.all("RUNNING"));
     let started = google.calls(Call::Start);
     let count = |name: &str| started.iter().filter(|n| *n == name).count();
-    assert_eq!(
-        (
-            count("ct-gce-001"),
-            count("ct-gce-002"),
-            count("ct-gce-003")
-        ),
-        (1, 3, 2)
-    );
+    assert_eq!((count("ct-gce-001"), count("ct-gce-002"), count("ct-gce-003")), (1, 3, 2));
     assert_eq!(errors(&metrics, "start"), 3);
     assert_eq!(metrics.gce_bots_up.get(), 1);
     a.unregister(&key(1)).await.unwrap();
@@ -623,21 +504,9 @@ async fn a_failed_start_takes_no_count_and_the_fleet_is_stopped_after_the_grace(
     for r in both {
         let err = r.await.unwrap().unwrap_err();
         assert!(matches!(err, Error::Start(_)), "{err:?}");
-        assert!(
-            ct_poller::error_chain(&err).contains("ct-gce-002"),
-            "{}",
-            ct_poller::error_chain(&err)
-        );
+        assert!(ct_poller::error_chain(&err).contains("ct-gce-002"), "{}", ct_poller::error_chain(&err));
     }
-    assert_eq!(
-        google
-            .calls(Call::Start)
-            .iter()
-            .filter(|n| *n == "ct-gce-002")
-            .count(),
-        3,
-        "one start, shared by both"
-    );
+    assert_eq!(google.calls(Call::Start).iter().filter(|n| *n == "ct-gce-002").count(), 3, "one start, shared by both");
     assert_eq!(a.snapshot().registered, 0);
     assert_eq!(metrics.gce_bots_up.get(), 0);
     assert_eq!(errors(&metrics, "start"), 3);
@@ -697,18 +566,8 @@ async fn a_registration_right_after_the_last_unregister_keeps_the_fleet() {
         _ = std::future::ready(()) => {}
     }
     a.register(&key(2)).await.unwrap();
-    tokio::time::timeout(T, unregister)
-        .await
-        .expect("the unregister returned")
-        .unwrap();
-    assert_eq!(
-        a.snapshot(),
-        Snapshot {
-            registered: 1,
-            waiting: 0,
-            fleet: Fleet::Up
-        }
-    );
+    tokio::time::timeout(T, unregister).await.expect("the unregister returned").unwrap();
+    assert_eq!(a.snapshot(), Snapshot { registered: 1, waiting: 0, fleet: Fleet::Up });
     assert_eq!(google.calls(Call::Stop).len(), 2, "only the start-up stop");
     assert_eq!(metrics.gce_bots_up.get(), 1);
     a.unregister(&key(2)).await.unwrap();
@@ -723,10 +582,7 @@ async fn a_registration_that_gives_up_takes_no_count() {
     let gave_up = tokio::time::timeout(Duration::from_millis(50), a.register(&key(1))).await;
     assert!(gave_up.is_err(), "the start takes longer");
     // The start it began finishes, nobody wants the fleet, it is stopped again.
-    wait_until(T, "the start to finish", || {
-        google.calls(Call::Start).len() == 2 && google.all("RUNNING")
-    })
-    .await;
+    wait_until(T, "the start to finish", || google.calls(Call::Start).len() == 2 && google.all("RUNNING")).await;
     settled(&a, Fleet::Down).await;
     assert!(google.all("TERMINATED"));
     assert_eq!(metrics.gce_bots_up.get(), 0);
@@ -769,10 +625,7 @@ async fn five_hundred_instances_with_at_most_fifty_calls_in_flight() {
     let max = google.lock().max_in_flight;
     assert!(max <= 50, "{max} calls in flight");
     assert!(max > 1, "calls ran concurrently");
-    assert_eq!(
-        errors(&metrics, "start") + errors(&metrics, "stop") + errors(&metrics, "delete_bot"),
-        0
-    );
+    assert_eq!(errors(&metrics, "start") + errors(&metrics, "stop") + errors(&metrics, "delete_bot"), 0);
     eprintln!(
         "500 instances, concurrency 50, operations of 100 ms, 1 ms per request: start-up stop + bot deletion {shutdown:?}, start {start:?}, stop + bot deletion {stop:?}, at most {max} calls in flight"
     );
@@ -789,13 +642,8 @@ struct Plan {
 
 fn plans() -> impl Strategy<Value = Vec<Plan>> {
     prop::collection::vec(
-        (0u64..60, 0u64..40, prop::option::weighted(0.3, 1u64..40)).prop_map(
-            |(delay_ms, hold_ms, give_up_after_ms)| Plan {
-                delay_ms,
-                hold_ms,
-                give_up_after_ms,
-            },
-        ),
+        (0u64..60, 0u64..40, prop::option::weighted(0.3, 1u64..40))
+            .prop_map(|(delay_ms, hold_ms, give_up_after_ms)| Plan { delay_ms, hold_ms, give_up_after_ms }),
         1..7,
     )
 }
@@ -888,67 +736,31 @@ async fn two_overlapping_gce_tasks_start_the_fleet_once_and_stop_it_once() {
     let mut h = Harness::new().await;
     h.config.poll_interval = Duration::from_millis(50);
     use_google(&mut h, &google, 3);
-    blocking_script(
-        &h,
-        "create_pagesets_on_workers",
-        "_/update_recreate_page_sets_task",
-    );
+    blocking_script(&h, "create_pagesets_on_workers", "_/update_recreate_page_sets_task");
     blocking_script(&h, "pixel_diff_on_workers", "_/update_pixel_diff_task");
-    h.ctfe
-        .enqueue(&envelope(
-            "RecreatePageSets",
-            11,
-            json!({"PageSets": "10k"}),
-        ))
-        .unwrap();
-    h.ctfe
-        .enqueue(&envelope("PixelDiff", 12, json!({"PageSets": "10k"})))
-        .unwrap();
+    h.ctfe.enqueue(&envelope("RecreatePageSets", 11, json!({"PageSets": "10k"}))).unwrap();
+    h.ctfe.enqueue(&envelope("PixelDiff", 12, json!({"PageSets": "10k"}))).unwrap();
     let (daemon, shutdown) = h.start().await;
     assert_eq!(metric(daemon.addr, "ct_gce_bots_up").await, Some(0.0));
     wait_until(T, "both tasks running", || h.records().len() == 2).await;
     assert_eq!(metric(daemon.addr, "ct_gce_bots_up").await, Some(1.0));
     assert!(google.all("RUNNING"));
-    assert_eq!(
-        google.calls(Call::Start).len(),
-        3,
-        "one start for two tasks"
-    );
+    assert_eq!(google.calls(Call::Start).len(), 3, "one start for two tasks");
     let seq = google.sequence();
-    assert_eq!(
-        seq[..6],
-        [[Call::Stop; 3], [Call::DeleteBot; 3]].concat(),
-        "start-up stop first: {seq:?}"
-    );
+    assert_eq!(seq[..6], [[Call::Stop; 3], [Call::DeleteBot; 3]].concat(), "start-up stop first: {seq:?}");
 
     release(&h, 11);
     eventually(T, "the first task to end", || async {
-        metric(
-            daemon.addr,
-            r#"ct_poller_tasks_finished_total{kind="RecreatePageSets",outcome="succeeded"}"#,
-        )
-        .await
+        metric(daemon.addr, r#"ct_poller_tasks_finished_total{kind="RecreatePageSets",outcome="succeeded"}"#).await
             == Some(1.0)
     })
     .await;
-    assert_eq!(
-        metric(daemon.addr, "ct_gce_bots_up").await,
-        Some(1.0),
-        "one task still runs"
-    );
-    assert_eq!(
-        google.calls(Call::Stop).len(),
-        3,
-        "no stop while a task runs"
-    );
+    assert_eq!(metric(daemon.addr, "ct_gce_bots_up").await, Some(1.0), "one task still runs");
+    assert_eq!(google.calls(Call::Stop).len(), 3, "no stop while a task runs");
 
     release(&h, 12);
     eventually(T, "the fleet down after the last task", || async {
-        metric(
-            daemon.addr,
-            r#"ct_poller_tasks_finished_total{kind="PixelDiff",outcome="succeeded"}"#,
-        )
-        .await
+        metric(daemon.addr, r#"ct_poller_tasks_finished_total{kind="PixelDiff",outcome="succeeded"}"#).await
             == Some(1.0)
     })
     .await;
@@ -956,28 +768,16 @@ async fn two_overlapping_gce_tasks_start_the_fleet_once_and_stop_it_once() {
     assert_eq!(metric(daemon.addr, "ct_gce_bots_up").await, Some(0.0));
     assert!(google.all("TERMINATED"));
     assert_eq!(google.calls(Call::Start).len(), 3);
-    assert_eq!(
-        google.calls(Call::Stop).len(),
-        6,
-        "one stop after both ended"
-    );
+    assert_eq!(google.calls(Call::Stop).len(), 6, "one stop after both ended");
     assert_eq!(google.calls(Call::DeleteBot).len(), 6);
     assert!(google.bots().is_empty());
     assert!(google.violations().is_empty(), "{:?}", google.violations());
-    assert!(google
-        .authorizations()
-        .iter()
-        .all(|a| a.starts_with("Bearer meta-")));
+    assert!(google.authorizations().iter().all(|a| a.starts_with("Bearer meta-")));
     for op in ["start", "stop", "delete_bot", "register", "unregister"] {
         let series = format!(r#"ct_poller_autoscaler_errors_total{{op="{op}"}}"#);
         assert_eq!(metric(daemon.addr, &series).await, Some(0.0), "{op}");
     }
-    assert!(
-        h.updates()
-            .iter()
-            .all(|u| !u.body.contains("\"Failure\":true")),
-        "no failure reported"
-    );
+    assert!(h.updates().iter().all(|u| !u.body.contains("\"Failure\":true")), "no failure reported");
     shutdown.drain.cancel();
     daemon.wait().await;
 }
@@ -991,77 +791,38 @@ async fn the_daemon_keeps_polling_while_the_autoscaler_fails() {
     h.config.register_timeout = Duration::from_secs(4);
     use_google(&mut h, &google, 3);
     h.script("create_pagesets_on_workers", "", 0);
-    h.script(
-        "build_chromium",
-        "mark_started _/update_chromium_build_task",
-        0,
-    );
-    h.ctfe
-        .enqueue(&envelope(
-            "RecreatePageSets",
-            21,
-            json!({"PageSets": "10k"}),
-        ))
-        .unwrap();
+    h.script("build_chromium", "mark_started _/update_chromium_build_task", 0);
+    h.ctfe.enqueue(&envelope("RecreatePageSets", 21, json!({"PageSets": "10k"}))).unwrap();
     let (daemon, shutdown) = h.start().await;
     eventually(T, "failed registrations", || async {
-        metric(
-            daemon.addr,
-            r#"ct_poller_autoscaler_errors_total{op="register"}"#,
-        )
-        .await
-        .is_some_and(|v| v >= 1.0)
-            && metric(
-                daemon.addr,
-                r#"ct_poller_autoscaler_errors_total{op="start"}"#,
-            )
-            .await
-            .is_some_and(|v| v >= 3.0)
+        metric(daemon.addr, r#"ct_poller_autoscaler_errors_total{op="register"}"#).await.is_some_and(|v| v >= 1.0)
+            && metric(daemon.addr, r#"ct_poller_autoscaler_errors_total{op="start"}"#).await.is_some_and(|v| v >= 3.0)
     })
     .await;
     // A non-GCE task (older, so CTFE offers it first) runs meanwhile.
-    h.ctfe
-        .enqueue(&envelope(
-            "ChromiumBuild",
-            5,
-            json!({"ChromiumRev": "abc", "SkiaRev": "def"}),
-        ))
-        .unwrap();
+    h.ctfe.enqueue(&envelope("ChromiumBuild", 5, json!({"ChromiumRev": "abc", "SkiaRev": "def"}))).unwrap();
     eventually(T, "the non-GCE task", || async {
-        metric(
-            daemon.addr,
-            r#"ct_poller_tasks_finished_total{kind="ChromiumBuild",outcome="succeeded"}"#,
-        )
-        .await
+        metric(daemon.addr, r#"ct_poller_tasks_finished_total{kind="ChromiumBuild",outcome="succeeded"}"#).await
             == Some(1.0)
     })
     .await;
-    let duplicates = metric(daemon.addr, r#"ct_poller_polls_total{result="duplicate"}"#)
-        .await
-        .unwrap();
+    let duplicates = metric(daemon.addr, r#"ct_poller_polls_total{result="duplicate"}"#).await.unwrap();
     eventually(T, "more polls", || async {
-        metric(daemon.addr, r#"ct_poller_polls_total{result="duplicate"}"#)
-            .await
-            .is_some_and(|v| v > duplicates)
+        metric(daemon.addr, r#"ct_poller_polls_total{result="duplicate"}"#).await.is_some_and(|v| v > duplicates)
     })
     .await;
     assert_eq!(get(daemon.addr, "/readyz").await.0, 200);
     assert_eq!(metric(daemon.addr, "healthy").await, Some(1.0));
     // --register-timeout: the GCE task is reported failed, its script never ran.
     eventually(T, "the GCE task reported failed", || async {
-        metric(
-            daemon.addr,
-            r#"ct_poller_tasks_finished_total{kind="RecreatePageSets",outcome="failed"}"#,
-        )
-        .await
+        metric(daemon.addr, r#"ct_poller_tasks_finished_total{kind="RecreatePageSets",outcome="failed"}"#).await
             == Some(1.0)
     })
     .await;
     assert!(h
         .updates()
         .iter()
-        .any(|u| u.path == "/_/update_recreate_page_sets_task"
-            && u.body.contains("\"Failure\":true")));
+        .any(|u| u.path == "/_/update_recreate_page_sets_task" && u.body.contains("\"Failure\":true")));
     assert_eq!(h.records().len(), 1, "only the non-GCE script ran");
     assert_eq!(metric(daemon.addr, "ct_gce_bots_up").await, Some(0.0));
     shutdown.drain.cancel();
@@ -1079,18 +840,8 @@ async fn gitcookies_are_written_refreshed_and_private() {
     std::fs::create_dir(&home).unwrap();
     h.config.google.home = Some(home.clone());
     h.config.service_account = "ct-poller@test-bots.iam.gserviceaccount.com".into();
-    h.script(
-        "build_chromium",
-        "mark_started _/update_chromium_build_task",
-        0,
-    );
-    h.ctfe
-        .enqueue(&envelope(
-            "ChromiumBuild",
-            7,
-            json!({"ChromiumRev": "abc", "SkiaRev": "def"}),
-        ))
-        .unwrap();
+    h.script("build_chromium", "mark_started _/update_chromium_build_task", 0);
+    h.ctfe.enqueue(&envelope("ChromiumBuild", 7, json!({"ChromiumRev": "abc", "SkiaRev": "def"}))).unwrap();
     let (daemon, shutdown) = h.start().await;
     let path = home.join(".gitcookies");
     let mut seen = BTreeSet::new();
@@ -1098,19 +849,13 @@ async fn gitcookies_are_written_refreshed_and_private() {
         if let Ok(text) = std::fs::read_to_string(&path) {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "never readable by others");
-            let line = text
-                .lines()
-                .find(|l| l.starts_with(".googlesource.com\t"))
-                .expect("the googlesource line");
+            let line = text.lines().find(|l| l.starts_with(".googlesource.com\t")).expect("the googlesource line");
             let fields: Vec<&str> = line.split('\t').collect();
             assert_eq!(fields[..4], [".googlesource.com", "TRUE", "/", "TRUE"]);
             assert_eq!(fields[5], "o");
             let expiry: i64 = fields[4].parse().unwrap();
             let now = chrono::Utc::now().timestamp();
-            assert!(
-                expiry >= now - 3 && expiry <= now + 3,
-                "expiry {expiry}, now {now}"
-            );
+            assert!(expiry >= now - 3 && expiry <= now + 3, "expiry {expiry}, now {now}");
             seen.insert(fields[6].to_owned());
         }
         seen.len() >= 2
@@ -1118,41 +863,19 @@ async fn gitcookies_are_written_refreshed_and_private() {
     .await;
     assert!(seen.iter().all(|t| t.starts_with("meta-")));
     let gitconfig = std::fs::read_to_string(home.join(".gitconfig")).unwrap();
-    assert!(
-        gitconfig.contains(&format!("cookiefile = {}", path.display())),
-        "{gitconfig}"
-    );
+    assert!(gitconfig.contains(&format!("cookiefile = {}", path.display())), "{gitconfig}");
     assert!(gitconfig.contains("email = ct-poller@test-bots.iam.gserviceaccount.com"));
     assert!(gitconfig.contains("name = ct-poller\n"));
     wait_until(T, "the task", || h.records().len() == 1).await;
-    assert!(h.records()[0]
-        .env()
-        .contains(&format!("GIT_COOKIES_PATH={}", path.display())));
-    assert!(metric(
-        daemon.addr,
-        r#"ct_poller_gitcookies_refreshes_total{result="ok"}"#
-    )
-    .await
-    .is_some_and(|v| v >= 2.0));
-    assert_eq!(
-        metric(
-            daemon.addr,
-            r#"ct_poller_gitcookies_refreshes_total{result="error"}"#
-        )
-        .await,
-        Some(0.0)
-    );
+    assert!(h.records()[0].env().contains(&format!("GIT_COOKIES_PATH={}", path.display())));
+    assert!(metric(daemon.addr, r#"ct_poller_gitcookies_refreshes_total{result="ok"}"#)
+        .await
+        .is_some_and(|v| v >= 2.0));
+    assert_eq!(metric(daemon.addr, r#"ct_poller_gitcookies_refreshes_total{result="error"}"#).await, Some(0.0));
     shutdown.drain.cancel();
     daemon.wait().await;
-    let leftovers: Vec<_> = std::fs::read_dir(&home)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(
-        leftovers.len(),
-        2,
-        "only .gitcookies and .gitconfig: {leftovers:?}"
-    );
+    let leftovers: Vec<_> = std::fs::read_dir(&home).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers.len(), 2, "only .gitcookies and .gitconfig: {leftovers:?}");
 }
 
 #[tokio::test]
@@ -1165,18 +888,8 @@ async fn local_mode_writes_no_gitcookies() {
     let home = h.dir.path().join("home");
     std::fs::create_dir(&home).unwrap();
     h.config.google.home = Some(home.clone());
-    h.script(
-        "build_chromium",
-        "mark_started _/update_chromium_build_task",
-        0,
-    );
-    h.ctfe
-        .enqueue(&envelope(
-            "ChromiumBuild",
-            8,
-            json!({"ChromiumRev": "abc", "SkiaRev": "def"}),
-        ))
-        .unwrap();
+    h.script("build_chromium", "mark_started _/update_chromium_build_task", 0);
+    h.ctfe.enqueue(&envelope("ChromiumBuild", 8, json!({"ChromiumRev": "abc", "SkiaRev": "def"}))).unwrap();
     let (daemon, shutdown) = h.start().await;
     wait_until(T, "the task", || h.records().len() == 1).await;
     assert!(!h.records()[0].env().contains("GIT_COOKIES_PATH"));
@@ -1196,18 +909,10 @@ async fn an_existing_gitcookies_is_left_alone() {
     let cookies = GitCookies::new(home.path(), "");
     let tokens = Arc::new(TokenSource::metadata(google.root(), &[SCOPE_GERRIT]));
     // `run` returns (rather than refreshing for ever) when the file is not ours.
-    tokio::time::timeout(
-        T,
-        cookies.run(tokens, Arc::new(Metrics::new()), CancellationToken::new()),
-    )
-    .await
-    .unwrap();
+    tokio::time::timeout(T, cookies.run(tokens, Arc::new(Metrics::new()), CancellationToken::new())).await.unwrap();
     assert_eq!(std::fs::read_to_string(&path).unwrap(), mine);
     assert_eq!(google.lock().token_calls, 0);
     let gitconfig = std::fs::read_to_string(home.path().join(".gitconfig")).unwrap();
-    assert!(
-        gitconfig.contains("cookiefile"),
-        "git still points at it: {gitconfig}"
-    );
+    assert!(gitconfig.contains("cookiefile"), "git still points at it: {gitconfig}");
     assert!(!Path::new(&format!("{}.tmp", path.display())).exists());
 }
