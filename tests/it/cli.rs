@@ -8,13 +8,6 @@ use crate::common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ct-poller");
 
-/// SIGTERM, then the exit status.
-async fn terminate(child: std::process::Child) -> std::process::ExitStatus {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
-    let mut child = child;
-    tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap()
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -59,6 +52,7 @@ async fn the_binary_polls_serves_probes_and_drains_on_sigterm() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(Spawned::new)
         .unwrap();
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     eventually(Duration::from_secs(20), "ready", || async {
@@ -70,7 +64,7 @@ async fn the_binary_polls_serves_probes_and_drains_on_sigterm() {
     let (code, page) = get(addr, "/").await;
     assert_eq!(code, 200);
     assert!(page.contains("ct-poller"));
-    assert_eq!(terminate(child).await.code(), Some(0));
+    assert_eq!(child.terminate().await.status.code(), Some(0));
 }
 
 #[tokio::test]
@@ -83,6 +77,7 @@ async fn dev_ctfe_subcommand_serves_a_task_directory() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(Spawned::new)
         .unwrap();
     let url = format!("http://127.0.0.1:{port}/_/get_oldest_pending_task");
     let mut body = None;
@@ -107,7 +102,7 @@ async fn dev_ctfe_subcommand_serves_a_task_directory() {
     assert_eq!(r.status(), 405, "only POST is routed");
     let r = reqwest::get(format!("http://127.0.0.1:{port}/_/nothing_here")).await.unwrap();
     assert_eq!(r.status(), 404);
-    assert_eq!(terminate(child).await.code(), Some(0));
+    assert_eq!(child.terminate().await.status.code(), Some(0));
 }
 
 #[tokio::test]

@@ -234,3 +234,30 @@ pub fn envelope(member: &str, id: i64, fields: Value) -> Vec<u8> {
     }
     serde_json::to_vec(&serde_json::json!({ member: task })).unwrap()
 }
+
+/// A child process (the binary under test) that is killed if the test fails before it is
+/// stopped, so that no daemon outlives its test.
+pub struct Spawned(Option<std::process::Child>);
+
+impl Spawned {
+    pub fn new(child: std::process::Child) -> Spawned {
+        Spawned(Some(child))
+    }
+
+    /// SIGTERM, then everything it wrote to piped stdout/stderr and its exit status.
+    pub async fn terminate(mut self) -> std::process::Output {
+        let child = self.0.take().expect("not yet terminated");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+            .unwrap();
+        tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap()
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

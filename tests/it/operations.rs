@@ -340,6 +340,7 @@ async fn json_logs_carry_the_task_fields() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
+        .map(Spawned::new)
         .unwrap();
     wait_until(T, "the task", || h.records().len() == 1).await;
     eventually(T, "the task to end", || async {
@@ -351,8 +352,7 @@ async fn json_logs_carry_the_task_fields() {
             == Some(1.0)
     })
     .await;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    let out = child.terminate().await;
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
