@@ -66,6 +66,7 @@ BENCHMARKS = ["startstop", "idle", "dispatch", "flood", "soak"]
 
 FULL = dict(
     idle_seconds=60.0,
+    idle_floor=True,
     startstop_reps=10,
     dispatch_tasks=1000,
     dispatch_poll_calibration=3.0,
@@ -75,11 +76,12 @@ FULL = dict(
     soak_first=1000,
 )
 SMOKE = dict(
-    idle_seconds=2.0,
+    idle_seconds=1.5,
+    idle_floor=False,
     startstop_reps=2,
     dispatch_tasks=50,
     dispatch_poll_calibration=0.3,
-    flood_sizes=[2 * MiB, 10 * MiB],
+    flood_sizes=[MiB, 6 * MiB],  # 6 MiB > the 4 MiB output limit: bytes get dropped
     flood_modes=["stdout", "nonl"],
     soak_tasks=200,
     soak_first=20,
@@ -160,7 +162,7 @@ def proc_status(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 out[key] = int(value.split()[0]) * 1024
             elif key == "Threads":
                 out[key] = int(value)
@@ -355,6 +357,7 @@ class Session:
         self.token = f"{os.getpid()}-{random.getrandbits(48):x}"
         self.root = tempfile.mkdtemp(prefix="ct-poller-bench-")
         self.procs = []
+        self.poller_env = {}
 
     def base_env(self, extra=None):
         env = {
@@ -418,10 +421,10 @@ class DevCtfe:
         self.session = session
         self.dir = session.dir(name)
         self.port = free_port()
-        self.proc = session.spawn(
-            [session.binary, "dev-ctfe", "--addr", f"127.0.0.1:{self.port}"],
-            session.base_env(), subprocess.DEVNULL,
-            open(os.path.join(self.dir, "dev-ctfe.log"), "wb"))
+        with open(os.path.join(self.dir, "dev-ctfe.log"), "wb") as err:
+            self.proc = session.spawn(
+                [session.binary, "dev-ctfe", "--addr", f"127.0.0.1:{self.port}"],
+                session.base_env(), subprocess.DEVNULL, err)
         self.url = f"http://127.0.0.1:{self.port}/"
         deadline = mono() + 10
         while True:
@@ -507,7 +510,13 @@ class Poller:
         out = open(self.stdout_path, "wb") if stdout is None else stdout
         err = open(self.stderr_path, "wb") if stderr is None else stderr
         self.started = mono()
-        self.proc = session.spawn(argv, session.base_env(env), out, err)
+        try:
+            self.proc = session.spawn(
+                argv, session.base_env({**session.poller_env, **(env or {})}), out, err)
+        finally:
+            for f in (out, err):
+                if f is not stdout and f is not stderr:
+                    f.close()
         self.pid = self.proc.pid
 
     def readyz(self, timeout=0.2):
@@ -545,15 +554,6 @@ class Poller:
     def stop(self):
         return self.session.stop(self.proc)
 
-    def log_tail(self, n=20):
-        try:
-            with open(self.stderr_path, "rb") as f:
-                f.seek(0, 2)
-                f.seek(max(0, f.tell() - 8192))
-                return b"\n".join(f.read().splitlines()[-n:]).decode("utf-8", "replace")
-        except OSError:
-            return ""
-
 
 # ----------------------------------------------------------------------- the results
 
@@ -563,7 +563,6 @@ class Results:
         self.rows = []  # (benchmark, figure, value, target, ok, reference)
         self.failures = []  # correctness invariants that failed
         self.raw = {}
-        self.notes = []
 
     def row(self, bench, figure, value, target="", ok=None, reference=""):
         self.rows.append((bench, figure, value, target, ok, reference))
@@ -623,16 +622,38 @@ def bench_startstop(s, cfg, res):
 # ---------------------------------------------------------------------------- 1. idle
 
 
+def build_floor(s):
+    """bench/idle_floor.rs compiled with rustc -O, or None (no rustc, or it failed)."""
+    rustc = shutil.which("rustc")
+    if not rustc:
+        return None
+    out = os.path.join(s.dir("floor"), "idle_floor")
+    done = subprocess.run([rustc, "-O", "--edition", "2021", os.path.join(HERE, "idle_floor.rs"),
+                           "-o", out], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if done.returncode != 0:
+        log(f"idle: cannot build the floor reference: {done.stderr.decode()[-300:]}")
+        return None
+    return out
+
+
 def bench_idle(s, cfg, res):
+    floor_bin = build_floor(s) if cfg.get("idle_floor", True) else None
     ctfe = DevCtfe(s, "idle-ctfe")
     p = Poller(s, ctfe, "idle", poll_interval="100ms")
+    floor = None
     try:
+        if floor_bin:
+            floor = s.spawn([floor_bin, f"127.0.0.1:{ctfe.port}", "100"], s.base_env(),
+                            subprocess.DEVNULL, subprocess.DEVNULL)
         p.wait_ready()
-        time.sleep(0.5)
+        time.sleep(min(0.5, cfg["idle_seconds"] / 5))
         m0 = p.metrics()
         c0, n0, t0 = p.cpu(), sched_ns(p.pid), mono()
+        f0 = (proc_stat(floor.pid)[2], sched_ns(floor.pid)) if floor else None
         time.sleep(cfg["idle_seconds"])
         c1, n1, t1 = p.cpu(), sched_ns(p.pid), mono()
+        f1 = (proc_stat(floor.pid)[2], sched_ns(floor.pid)) if floor else None
+        floor_rss = proc_status(floor.pid)["VmRSS"] if floor else 0
         st = p.status()
         m1 = p.metrics()
         polls = metric_sum(m1, "ct_poller_polls_total") - metric_sum(m0, "ct_poller_polls_total")
@@ -640,18 +661,33 @@ def bench_idle(s, cfg, res):
                  - metric_sum(m0, "ct_poller_polls_total", result="empty"))
     finally:
         code = p.stop()
+        if floor:
+            s.stop(floor)
         ctfe.stop()
     cpu, precise = c1 - c0, (n1 - n0) / 1e9
     per_k = cpu / polls * 1000 if polls else float("nan")
     per_k_precise = precise / polls * 1000 if polls else float("nan")
+    floor_ref = ""
+    if f0 and f1:
+        # The floor polls on the same 100 ms ticks: its polls in the window by the clock.
+        floor_polls = (t1 - t0) / 0.1
+        floor_k = (f1[1] - f0[1]) / 1e9 / floor_polls * 1000
+        floor_ref = (f"; floor (bench/idle_floor.rs: one thread, blocking std, same GET): "
+                     f"{floor_k:.4f} s → **{per_k_precise / floor_k:.1f}x**")
+        res.raw["idle_floor"] = dict(cpu_s=f1[0] - f0[0], cpu_sched_s=(f1[1] - f0[1]) / 1e9,
+                                     polls=floor_polls, rss=floor_rss)
     res.raw["idle"] = dict(seconds=t1 - t0, polls=polls, empty=empty, cpu_s=cpu,
                            cpu_sched_s=precise, status=st)
     res.row("idle", f"RSS after {t1 - t0:.0f} s polling every 100 ms", fmt_bytes(st["VmRSS"]),
-            "< 8 MiB", st["VmRSS"] < 8 * MiB, f"peak {fmt_bytes(st['VmHWM'])}, "
-            f"{st['Threads']} threads")
+            "< 8 MiB", st["VmRSS"] < 8 * MiB,
+            f"file-backed {fmt_bytes(st.get('RssFile', 0))} (binary text, libc), anonymous "
+            f"{fmt_bytes(st.get('RssAnon', 0))}; peak {fmt_bytes(st['VmHWM'])}; "
+            f"{st['Threads']} threads"
+            + (f"; floor program {fmt_bytes(floor_rss)}" if floor_rss else ""))
     res.row("idle", f"CPU per 1,000 polls ({polls:.0f} polls, {cpu:.2f} s CPU)",
             f"{per_k:.3f} s", "< 0.1 s", per_k < 0.1,
-            f"schedstat: {per_k_precise:.4f} s ({fmt_us(precise / polls if polls else 0)}/poll)")
+            f"schedstat: {per_k_precise:.4f} s ({fmt_us(precise / polls if polls else 0)}/poll)"
+            + floor_ref)
     res.check("idle", "every poll reached CTFE and found it empty", polls > 0 and empty == polls,
               f"{empty:.0f} empty of {polls:.0f}")
     res.check("idle", "exit status 0 after SIGTERM", code == 0, f"exit {code}")
@@ -790,7 +826,7 @@ def bench_dispatch(s, cfg, res):
             f"{poll_rate:.0f} polls/s")
     ran_once = len(seen) == n + warmup and all(c == 1 for c in seen.values())
     res.check("dispatch", "every task ran exactly once", ran_once,
-              f"{len(seen)} tasks, max runs {max(seen.values()) if seen else 0}")
+              f"{len(seen)} tasks (5 warm-up), max runs {max(seen.values()) if seen else 0}")
     res.check("dispatch", "every task finished and succeeded", finished >= n and not unsuccessful,
               f"{finished:.0f} succeeded (of {n}), {unsuccessful:.0f} did not")
     res.check("dispatch", "no zombie, clean exit", not zombies and code == 0,
@@ -1016,6 +1052,10 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated: " + ",".join(BENCHMARKS))
     ap.add_argument("--json", default=None, help="also write the raw figures here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs) for debugging")
+    ap.add_argument("--poller-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra environment of the poller (experiments, e.g. MALLOC_ARENA_MAX=1)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a size (e.g. idle_seconds=10, soak_tasks=2000); see FULL")
     args = ap.parse_args()
     binary = os.path.abspath(args.binary or default_binary())
     if not os.access(binary, os.X_OK):
@@ -1029,9 +1069,16 @@ def main():
     if not os.path.isdir(FIXTURES):
         print(f"bench: {FIXTURES} is missing (the envelopes come from it)", file=sys.stderr)
         return 2
-    cfg = SMOKE if args.smoke else FULL
+    cfg = dict(SMOKE if args.smoke else FULL)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in cfg:
+            print(f"bench: unknown size {key!r}; choose from {sorted(cfg)}", file=sys.stderr)
+            return 2
+        cfg[key] = json.loads(value)
     res = Results()
     session = Session(binary, keep=args.keep)
+    session.poller_env = dict(item.partition("=")[::2] for item in args.poller_env)
 
     def on_signal(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")
