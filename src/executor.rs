@@ -74,8 +74,8 @@ impl RunFiles {
                     .mode(0o600)
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&path)?;
-                file.write_all(content)?;
-                file.sync_data()
+                // No fsync: the script reads the file through the same page cache.
+                file.write_all(content)
             };
             // Remember it before writing so that a half-written file is removed too.
             written.paths.push(path.clone());

@@ -6,7 +6,9 @@ use ct_poller::config::{Command, Config};
 use ct_poller::shutdown::Shutdown;
 use ct_poller::{demo, dev_ctfe, telemetry};
 
-#[tokio::main]
+// One thread: the poller mostly waits, and a single-threaded runtime costs less per
+// poll and per task (bench/RESULTS.md); children and I/O are all asynchronous.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let command = match Config::from_args(std::env::args_os()) {
         Ok(command) => command,

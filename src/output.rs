@@ -15,7 +15,7 @@ pub const MAX_LINE: usize = 16 * 1024;
 /// Lines kept for the status page, each cut to [`RECENT_LINE_CHARS`].
 pub const RECENT_LINES: usize = 10;
 const RECENT_LINE_CHARS: usize = 240;
-const READ_CHUNK: usize = 16 * 1024;
+const READ_CHUNK: usize = 64 * 1024;
 
 /// The last lines of a running task, shared with the status page.
 #[derive(Debug, Clone, Default)]
@@ -73,21 +73,33 @@ impl Captured {
         self.tail.extend(bytes);
     }
 
-    /// Head, `[... N bytes omitted ...]` if anything was dropped, tail; lossily decoded.
-    pub fn render(&self) -> String {
-        let mut out = String::from_utf8_lossy(&self.head).into_owned();
+    /// Writes head, `[... N bytes omitted ...]` if anything was dropped, and tail, as
+    /// bytes (as the original printed them), ending with a newline; no copy is made.
+    pub fn write_to(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        out.write_all(&self.head)?;
+        let mut last = self.head.last().copied();
         if self.dropped > 0 {
-            if !out.ends_with('\n') && !out.is_empty() {
-                out.push('\n');
+            if last.is_some_and(|b| b != b'\n') {
+                out.write_all(b"\n")?;
             }
-            out.push_str(&format!("[... {} bytes omitted ...]\n", self.dropped));
+            writeln!(out, "[... {} bytes omitted ...]", self.dropped)?;
+            last = Some(b'\n');
         }
         let (a, b) = self.tail.as_slices();
-        let mut tail = Vec::with_capacity(a.len() + b.len());
-        tail.extend_from_slice(a);
-        tail.extend_from_slice(b);
-        out.push_str(&String::from_utf8_lossy(&tail));
-        out
+        out.write_all(a)?;
+        out.write_all(b)?;
+        last = b.last().or(a.last()).copied().or(last);
+        if last.is_some_and(|b| b != b'\n') {
+            out.write_all(b"\n")?;
+        }
+        Ok(())
+    }
+
+    /// [`Captured::write_to`] as text, invalid UTF-8 replaced.
+    pub fn render(&self) -> String {
+        let mut bytes = Vec::with_capacity(self.held() + 64);
+        self.write_to(&mut bytes).expect("writing to memory cannot fail");
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 
     /// Bytes held in memory.
@@ -156,11 +168,6 @@ pub async fn capture<R: tokio::io::AsyncRead + Unpin>(
     let mut captured = Captured::new(limit);
     let mut splitter = LineSplitter::default();
     let mut buf = vec![0u8; READ_CHUNK];
-    let mut log_line = |line: &[u8]| {
-        let text = String::from_utf8_lossy(line);
-        tracing::info!(stream = "worker", "{text}");
-        recent.push(&text);
-    };
     loop {
         let read = tokio::select! {
             read = reader.read(&mut buf) => read,
@@ -170,7 +177,14 @@ pub async fn capture<R: tokio::io::AsyncRead + Unpin>(
             Ok(0) => break,
             Ok(n) => {
                 captured.push(&buf[..n]);
-                splitter.push(&buf[..n], &mut log_line);
+                // Only the last lines of a read can end up on the status page.
+                let lines = buf[..n].iter().filter(|&&b| b == b'\n').count();
+                let mut skip = lines.saturating_sub(RECENT_LINES);
+                splitter.push(&buf[..n], |line| {
+                    let shown = skip == 0;
+                    skip = skip.saturating_sub(1);
+                    log_line(line, shown.then_some(&recent));
+                });
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -179,8 +193,17 @@ pub async fn capture<R: tokio::io::AsyncRead + Unpin>(
             }
         }
     }
-    splitter.finish(&mut log_line);
+    splitter.finish(|line| log_line(line, Some(&recent)));
     captured
+}
+
+/// One worker line to the log, and to the status page's recent lines if given.
+fn log_line(line: &[u8], recent: Option<&RecentLines>) {
+    let text = String::from_utf8_lossy(line);
+    tracing::info!(stream = "worker", "{text}");
+    if let Some(recent) = recent {
+        recent.push(&text);
+    }
 }
 
 #[cfg(test)]
@@ -193,7 +216,7 @@ mod tests {
         let mut c = Captured::new(10);
         c.push(b"0123456789abcdefghij");
         assert_eq!(c.dropped, 10);
-        assert_eq!(c.render(), "01234\n[... 10 bytes omitted ...]\nfghij");
+        assert_eq!(c.render(), "01234\n[... 10 bytes omitted ...]\nfghij\n");
         let mut small = Captured::new(100);
         small.push(b"hello\n");
         assert_eq!(small.render(), "hello\n");

@@ -6,7 +6,7 @@
 //! task that does not succeed is reported to CTFE (except in `--dry-run`); the loop never
 //! exits because CTFE, storage or a task misbehaves.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use crate::ctfe::{self, Client};
 use crate::error_chain;
 use crate::executor::{self, Exit, Invocation, RunFiles};
 use crate::metrics::Metrics;
-use crate::output::RecentLines;
+use crate::output::{Captured, RecentLines};
 use crate::retry::{Backoff, Retryable};
 use crate::shutdown::Shutdown;
 use crate::status::{rfc3339, RunningTask, Status};
@@ -30,9 +30,17 @@ use crate::storage::PatchStore;
 use crate::task::argv::{self, go_timestamp, RunId, RunIds, Source};
 use crate::task::{Pending, TaskKey};
 
-/// The set of tasks this poller has picked up and not finished.
+/// The set of tasks this poller has picked up and not finished, and when recently
+/// finished ones were released.
 #[derive(Debug, Clone, Default)]
-pub struct PickedUp(Arc<Mutex<HashSet<TaskKey>>>);
+pub struct PickedUp(Arc<Mutex<PickedUpInner>>);
+
+#[derive(Debug, Default)]
+struct PickedUpInner {
+    claimed: HashSet<TaskKey>,
+    /// Release times, kept only as long as a poll sent before them may still answer.
+    released: HashMap<TaskKey, std::time::Instant>,
+}
 
 /// Ownership of one picked-up task; dropping it releases the key.
 #[derive(Debug)]
@@ -42,14 +50,23 @@ pub struct Claim {
 }
 
 impl PickedUp {
-    /// Check and insert under one lock. `None`: this poller already runs the task.
-    pub fn claim(&self, key: TaskKey) -> Option<Claim> {
-        let fresh = self.0.lock().unwrap_or_else(PoisonError::into_inner).insert(key);
+    fn lock(&self) -> std::sync::MutexGuard<'_, PickedUpInner> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Check and insert under one lock, for an answer to a poll sent at `polled_at`.
+    /// `None`: this poller already runs the task, or finished it after that poll was
+    /// sent (CTFE answered before the script marked it started: a stale offer).
+    /// Polls are sequential, so releases older than `polled_at` are forgotten here.
+    pub fn claim(&self, key: TaskKey, polled_at: std::time::Instant) -> Option<Claim> {
+        let mut inner = self.lock();
+        inner.released.retain(|_, at| *at > polled_at);
+        let fresh = !inner.released.contains_key(&key) && inner.claimed.insert(key);
         fresh.then(|| Claim { set: self.clone(), key })
     }
 
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.lock().claimed.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -65,7 +82,9 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.set.0.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
+        let mut inner = self.set.lock();
+        inner.claimed.remove(&self.key);
+        inner.released.insert(self.key, std::time::Instant::now());
     }
 }
 
@@ -220,9 +239,10 @@ impl Poller {
         let (result, reached, error) = if limit > 0 && self.picked_up.len() >= limit {
             (PollResult::AtCapacity, None, None)
         } else {
+            let polled_at = std::time::Instant::now();
             match self.ctfe.get_oldest_pending_task().await {
                 Ok(None) => (PollResult::Empty, Some(true), None),
-                Ok(Some(pending)) => (self.pick_up(pending, shutdown), Some(true), None),
+                Ok(Some(pending)) => (self.pick_up(pending, polled_at, shutdown), Some(true), None),
                 Err(e) => {
                     let reached = matches!(e, ctfe::Error::Decode { .. });
                     let message = error_chain(&e);
@@ -241,12 +261,12 @@ impl Poller {
         result
     }
 
-    fn pick_up(self: &Arc<Self>, pending: Pending, shutdown: &Shutdown) -> PollResult {
+    fn pick_up(self: &Arc<Self>, pending: Pending, polled_at: std::time::Instant, shutdown: &Shutdown) -> PollResult {
         let key = pending.key;
         if self.config.dry_run && !self.dry_run_seen.lock().unwrap_or_else(PoisonError::into_inner).insert(key) {
             return PollResult::Duplicate;
         }
-        let Some(claim) = self.picked_up.claim(key) else {
+        let Some(claim) = self.picked_up.claim(key, polled_at) else {
             return PollResult::Duplicate;
         };
         let run_id = self.run_ids.allocate(&pending.task.common().Username, Utc::now());
@@ -408,7 +428,7 @@ impl Poller {
         if finished.output.dropped > 0 {
             self.metrics.output_dropped_bytes.with_label_values(&[spec.name]).inc_by(finished.output.dropped);
         }
-        print_output(spec.script, &run_id, &finished.output.render());
+        print_output(spec.script, &run_id, &finished.output);
         match finished.exit {
             Exit::Succeeded => Outcome::Succeeded,
             Exit::Failed(_) => Outcome::Failed(format!("{} {}", spec.script, finished.exit)),
@@ -470,15 +490,14 @@ impl Poller {
     }
 }
 
-/// The original's end-of-task block on stdout (seed 69-99), bounded by `--output-limit`.
-fn print_output(script: &str, run_id: &str, output: &str) {
+/// The original's end-of-task block on stdout (seed 69-99), bounded by `--output-limit`
+/// and written straight from the capture buffers.
+fn print_output(script: &str, run_id: &str, output: &Captured) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    let _ = write!(
-        out,
-        "========== Start of stdout and stderr for {script} {run_id} ==========\n{output}{}========== End of stdout and stderr for {script} {run_id} ==========\n\n",
-        if output.is_empty() || output.ends_with('\n') { "" } else { "\n" },
-    );
+    let _ = writeln!(out, "========== Start of stdout and stderr for {script} {run_id} ==========");
+    let _ = output.write_to(&mut out);
+    let _ = writeln!(out, "========== End of stdout and stderr for {script} {run_id} ==========\n");
     let _ = out.flush();
 }
 
@@ -498,12 +517,14 @@ mod tests {
     fn claims_are_exclusive_and_released_on_drop() {
         let set = PickedUp::default();
         let key = TaskKey { kind: Kind::ChromiumPerf, id: 42 };
-        let claim = set.claim(key).unwrap();
-        assert!(set.claim(key).is_none());
+        let before = std::time::Instant::now();
+        let claim = set.claim(key, before).unwrap();
+        assert!(set.claim(key, before).is_none());
         assert_eq!(set.len(), 1);
         drop(claim);
         assert!(set.is_empty());
-        assert!(set.claim(key).is_some());
+        assert!(set.claim(key, before).is_none(), "an answer to a poll sent before the release is stale");
+        assert!(set.claim(key, std::time::Instant::now()).is_some(), "a later poll may offer it again");
     }
 
     #[test]
@@ -512,7 +533,7 @@ mod tests {
         let key = TaskKey { kind: Kind::LuaScript, id: 1 };
         let s = set.clone();
         let r = std::panic::catch_unwind(move || {
-            let _claim = s.claim(key).unwrap();
+            let _claim = s.claim(key, std::time::Instant::now()).unwrap();
             panic!("boom");
         });
         assert!(r.is_err());

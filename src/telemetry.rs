@@ -23,6 +23,7 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_target(false)
             .try_init()
             .map_err(|e| e.to_string()),
