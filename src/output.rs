@@ -180,10 +180,12 @@ pub async fn capture<R: tokio::io::AsyncRead + Unpin>(
                 // Only the last lines of a read can end up on the status page.
                 let lines = buf[..n].iter().filter(|&&b| b == b'\n').count();
                 let mut skip = lines.saturating_sub(RECENT_LINES);
-                splitter.push(&buf[..n], |line| {
-                    let shown = skip == 0;
-                    skip = skip.saturating_sub(1);
-                    log_line(line, shown.then_some(&recent));
+                crate::telemetry::batched(|| {
+                    splitter.push(&buf[..n], |line| {
+                        let shown = skip == 0;
+                        skip = skip.saturating_sub(1);
+                        log_line(line, shown.then_some(&recent));
+                    })
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,

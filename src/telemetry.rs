@@ -3,6 +3,7 @@
 //! task's lines carry `task_id`, `kind` and `run_id` at top level). `RUST_LOG` overrides
 //! the default level (info).
 
+use std::cell::RefCell;
 use std::io::Write;
 
 use serde_json::{Map, Value};
@@ -22,7 +23,7 @@ pub fn init(format: LogFormat) {
     let _ = match format {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)
-            .with_writer(std::io::stderr)
+            .with_writer(|| Stderr)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_target(false)
             .try_init()
@@ -98,6 +99,47 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for JsonLines {
         line.insert("target".into(), Value::from(event.metadata().target()));
         let mut text = Value::Object(line).to_string();
         text.push('\n');
-        let _ = std::io::stderr().lock().write_all(text.as_bytes());
+        let _ = Stderr.write_all(text.as_bytes());
     }
+}
+
+thread_local! {
+    /// While [`batched`] runs on this thread: the log bytes not yet written.
+    static BATCH: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
+}
+
+/// Stderr, or the current [`batched`] buffer. Each log line is written whole.
+struct Stderr;
+
+impl Write for Stderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let batched = BATCH.with(|b| b.borrow_mut().as_mut().map(|v| v.extend_from_slice(buf)).is_some());
+        if batched {
+            Ok(buf.len())
+        } else {
+            std::io::stderr().lock().write_all(buf).map(|()| buf.len())
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// Runs `f` (synchronous, so nothing else logs on this thread meanwhile) with the log
+/// lines it emits collected and written to stderr in one go: a worker flooding its
+/// output costs one write per read instead of one per line.
+pub fn batched<R>(f: impl FnOnce() -> R) -> R {
+    /// Writes the batch out even if `f` panics, so later lines are never held back.
+    struct Flush;
+    impl Drop for Flush {
+        fn drop(&mut self) {
+            if let Some(bytes) = BATCH.with(|b| b.borrow_mut().take()) {
+                let _ = std::io::stderr().lock().write_all(&bytes);
+            }
+        }
+    }
+    BATCH.with(|b| *b.borrow_mut() = Some(Vec::with_capacity(128 * 1024)));
+    let _flush = Flush;
+    f()
 }
