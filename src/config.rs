@@ -343,13 +343,11 @@ impl Config {
             None => FileConfig::default(),
         };
         let layers = Layers { cli: &options, file: &file };
-        let demo = matches!(cli.command, Some(Cmd::Demo { .. }));
         let config = layers.resolve()?;
         Ok(match cli.command {
             None | Some(Cmd::Run) => Command::Run(config),
             Some(Cmd::Demo { keep_running }) => {
                 let metrics_addr_given = options.metrics_addr.is_some() || file.metrics_addr.is_some();
-                debug_assert!(demo);
                 Command::Demo { config, keep_running, metrics_addr_given }
             }
             Some(Cmd::DevCtfe { addr, tasks }) => Command::DevCtfe { addr, tasks },

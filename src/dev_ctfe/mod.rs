@@ -328,7 +328,9 @@ async fn terminate(State(ctfe): State<DevCtfe>) -> Response {
 /// Logs every request to a CTFE route, then applies the first matching fault, if any.
 async fn record_and_fault(State(ctfe): State<DevCtfe>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
-    let bytes = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
+    let Ok(bytes) = axum::body::to_bytes(body, 64 << 20).await else {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "request body over 64 MiB\n").into_response();
+    };
     let path = parts.uri.path().to_owned();
     let fault = {
         let mut queue = ctfe.lock();
