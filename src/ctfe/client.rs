@@ -116,6 +116,8 @@ impl Retryable for Error {
 pub struct Client {
     http: reqwest::Client,
     root: Url,
+    /// Joined once: the poll URL is used every few seconds for months.
+    poll_url: Url,
     metrics: Arc<Metrics>,
 }
 
@@ -129,7 +131,8 @@ impl Client {
             .pool_max_idle_per_host(2)
             .build()
             .expect("the TLS backend initialises");
-        Client { http, root, metrics }
+        let poll_url = join(&root, "_/get_oldest_pending_task");
+        Client { http, root, poll_url, metrics }
     }
 
     /// `POST _/terminate_running_tasks` (empty body, `Content-Type: application/json`).
@@ -141,7 +144,7 @@ impl Client {
 
     /// `GET _/get_oldest_pending_task`: `Ok(None)` when the queue is empty.
     pub async fn get_oldest_pending_task(&self) -> Result<Option<Pending>, Error> {
-        let url = join(&self.root, "_/get_oldest_pending_task");
+        let url = self.poll_url.clone();
         let request = self.http.get(url.clone());
         let started = Instant::now();
         let body = self.send_inner(Endpoint::GetOldestPendingTask, url.clone(), request).await;
