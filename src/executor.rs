@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::output::{capture, Captured, RecentLines};
+use crate::telemetry::WorkerLog;
 
 /// SIGTERM to SIGKILL.
 pub const KILL_GRACE: Duration = Duration::from_secs(10);
@@ -135,6 +136,8 @@ pub struct Invocation {
     pub env: Vec<(String, String)>,
     pub time_limit: Option<Duration>,
     pub output_limit: usize,
+    /// The task's fields for its worker lines in the log: `(task_id, kind, run_id)`.
+    pub log_fields: (String, &'static str, String),
 }
 
 #[derive(Debug)]
@@ -176,7 +179,9 @@ pub async fn run(inv: &Invocation, cancel: &CancellationToken, recent: RecentLin
     };
     let pgid = Pid::from_raw(child.id().expect("a just-spawned child has a pid") as i32);
     let stop_reading = CancellationToken::new();
-    let mut reader = tokio::spawn(capture(rx, inv.output_limit, recent, stop_reading.clone()).in_current_span());
+    let (task_id, kind, run_id) = &inv.log_fields;
+    let log = WorkerLog::new(task_id, kind, run_id);
+    let mut reader = tokio::spawn(capture(rx, inv.output_limit, recent, log, stop_reading.clone()).in_current_span());
 
     let deadline = inv.time_limit.map(|limit| Instant::now() + limit);
     let until_deadline = async {

@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::io::AsyncReadExt;
 
+use crate::telemetry::WorkerLog;
+
 /// A line longer than this is logged in pieces.
 pub const MAX_LINE: usize = 16 * 1024;
 /// Lines kept for the status page, each cut to [`RECENT_LINE_CHARS`].
@@ -163,6 +165,7 @@ pub async fn capture<R: tokio::io::AsyncRead + Unpin>(
     mut reader: R,
     limit: usize,
     recent: RecentLines,
+    mut log: WorkerLog,
     stop: tokio_util::sync::CancellationToken,
 ) -> Captured {
     let mut captured = Captured::new(limit);
@@ -180,13 +183,13 @@ pub async fn capture<R: tokio::io::AsyncRead + Unpin>(
                 // Only the last lines of a read can end up on the status page.
                 let lines = buf[..n].iter().filter(|&&b| b == b'\n').count();
                 let mut skip = lines.saturating_sub(RECENT_LINES);
-                crate::telemetry::batched(|| {
-                    splitter.push(&buf[..n], |line| {
-                        let shown = skip == 0;
-                        skip = skip.saturating_sub(1);
-                        log_line(line, shown.then_some(&recent));
-                    })
+                log.begin();
+                splitter.push(&buf[..n], |line| {
+                    let shown = skip == 0;
+                    skip = skip.saturating_sub(1);
+                    log_line(&mut log, line, shown.then_some(&recent));
                 });
+                log.flush();
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -195,14 +198,16 @@ pub async fn capture<R: tokio::io::AsyncRead + Unpin>(
             }
         }
     }
-    splitter.finish(|line| log_line(line, Some(&recent)));
+    log.begin();
+    splitter.finish(|line| log_line(&mut log, line, Some(&recent)));
+    log.flush();
     captured
 }
 
 /// One worker line to the log, and to the status page's recent lines if given.
-fn log_line(line: &[u8], recent: Option<&RecentLines>) {
+fn log_line(log: &mut WorkerLog, line: &[u8], recent: Option<&RecentLines>) {
     let text = String::from_utf8_lossy(line);
-    tracing::info!(stream = "worker", "{text}");
+    log.line(&text);
     if let Some(recent) = recent {
         recent.push(&text);
     }
@@ -244,7 +249,8 @@ mod tests {
     async fn invalid_utf8_is_replaced() {
         let input: &[u8] = b"ok\n\xff\xfe bad\n";
         let recent = RecentLines::default();
-        let c = capture(input, 1024, recent.clone(), Default::default()).await;
+        let log = WorkerLog::new("CaptureSkps.1", "CaptureSkps", "u-1");
+        let c = capture(input, 1024, recent.clone(), log, Default::default()).await;
         assert_eq!(recent.snapshot(), vec!["ok".to_string(), "\u{fffd}\u{fffd} bad".to_string()]);
         assert_eq!(c.total, input.len() as u64);
     }

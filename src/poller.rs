@@ -418,6 +418,7 @@ impl Poller {
             env,
             time_limit: self.config.timeout_for(pending.key.kind),
             output_limit: self.config.output_limit,
+            log_fields: (pending.key.to_string(), spec.name, run_id.clone()),
         };
         info!("========== Start of stdout and stderr for {} {run_id} ==========", spec.script);
         let finished = match executor::run(&invocation, &stop, recent).await {
