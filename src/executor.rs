@@ -162,6 +162,11 @@ pub async fn run(inv: &Invocation, cancel: &CancellationToken, recent: RecentLin
         // The Command holds the pipe's write ends: it must be dropped right after spawn so
         // that EOF arrives when the workers exit.
         let mut command = Command::new(&inv.program);
+        // argv[0] is the bare script name, as Go's exec gave it, even from --scripts-dir
+        // (the master scripts are Go binaries; a #! script sees its path as $0 anyway).
+        if let Some(name) = inv.program.file_name() {
+            command.arg0(name);
+        }
         command
             .args(&inv.args)
             .envs(inv.env.iter().map(|(k, v)| (OsStr::new(k), OsStr::new(v))))

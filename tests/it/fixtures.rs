@@ -30,6 +30,7 @@ async fn run_fixture(kind: &str, exit_code: i32) {
     let work = h.work_dir().display().to_string();
     let substitute = |s: &str| s.replace("{RUN_ID}", &run_id).replace("{WORK_DIR}", &work);
     let argv = record.argv();
+    // A shell script's $0 is the path the kernel ran it by (argv[0] is the bare name).
     assert!(argv[0].ends_with(&format!("/{}", expected[0])), "program {}", argv[0]);
     let expected_args: Vec<String> = expected[1..].iter().map(|a| substitute(a)).collect();
     assert_eq!(argv[1..], expected_args[..], "argv of {kind}");
