@@ -112,17 +112,17 @@ pub async fn run(
         }
         let snapshot = poller.status.snapshot();
         for task in &snapshot.running {
-            if reported.insert(task.task.task_id.clone(), "running") != Some("running") {
+            if reported.insert(task.task.info.task_id.clone(), "running") != Some("running") {
                 println!(
                     "  started   {:<28} run {} ({} by {})",
-                    task.task.task_id, task.task.run_id, task.task.kind, task.task.user
+                    task.task.info.task_id, task.task.info.run_id, task.task.info.kind, task.task.info.user
                 );
             }
         }
         for done in &snapshot.finished {
-            if reported.insert(done.task_id.clone(), done.outcome) != Some(done.outcome) {
+            if reported.insert(done.info.task_id.clone(), done.outcome) != Some(done.outcome) {
                 let why = if done.reason.is_empty() { String::new() } else { format!(": {}", done.reason) };
-                println!("  {:<9} {:<28} after {:.1}s{why}", done.outcome, done.task_id, done.duration_seconds);
+                println!("  {:<9} {:<28} after {:.1}s{why}", done.outcome, done.info.task_id, done.duration_seconds);
             }
         }
         let drained =

@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::output::{Captured, RecentLines};
 use crate::retry::{Backoff, Retryable};
 use crate::shutdown::Shutdown;
-use crate::status::{rfc3339, RunningTask, Status};
+use crate::status::{rfc3339, RunningTask, Status, TaskInfo};
 use crate::storage::PatchStore;
 use crate::task::argv::{self, go_timestamp, RunId, RunIds, Source};
 use crate::task::{Pending, TaskKey};
@@ -276,12 +276,14 @@ impl Poller {
         self.metrics.tasks_running.with_label_values(&[key.kind.name()]).inc();
         let recent = RecentLines::default();
         self.status.add_running(RunningTask {
-            task_id: key.to_string(),
-            kind: key.kind.name(),
-            id: key.id,
-            user: pending.task.common().Username.clone(),
-            run_id: run_id.as_str().to_owned(),
-            started: rfc3339(run_id.started),
+            info: TaskInfo {
+                task_id: key.to_string(),
+                kind: key.kind.name(),
+                id: key.id,
+                user: pending.task.common().Username.clone(),
+                run_id: run_id.as_str().to_owned(),
+                started: rfc3339(run_id.started),
+            },
             started_at: Instant::now(),
             recent: recent.clone(),
         });

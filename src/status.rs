@@ -15,14 +15,21 @@ use crate::task::TaskKey;
 /// Finished tasks kept for the status page.
 pub const FINISHED_KEPT: usize = 50;
 
+/// What identifies a run, running or finished.
 #[derive(Debug, Clone, Serialize)]
-pub struct RunningTask {
+pub struct TaskInfo {
     pub task_id: String,
     pub kind: &'static str,
     pub id: i64,
     pub user: String,
     pub run_id: String,
     pub started: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunningTask {
+    #[serde(flatten)]
+    pub info: TaskInfo,
     #[serde(skip)]
     pub started_at: Instant,
     #[serde(skip)]
@@ -31,12 +38,8 @@ pub struct RunningTask {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct FinishedTask {
-    pub task_id: String,
-    pub kind: &'static str,
-    pub id: i64,
-    pub user: String,
-    pub run_id: String,
-    pub started: String,
+    #[serde(flatten)]
+    pub info: TaskInfo,
     pub finished: String,
     pub outcome: &'static str,
     pub duration_seconds: f64,
@@ -167,22 +170,17 @@ impl Status {
     }
 
     pub fn add_running(&self, task: RunningTask) {
-        self.lock().running.insert(task.task_id.clone(), task);
+        self.lock().running.insert(task.info.task_id.clone(), task);
     }
 
     pub fn finish(&self, key: &TaskKey, outcome: &'static str, reason: String) -> Option<FinishedTask> {
         let mut inner = self.lock();
         let running = inner.running.remove(&key.to_string())?;
         let finished = FinishedTask {
-            task_id: running.task_id,
-            kind: running.kind,
-            id: running.id,
-            user: running.user,
-            run_id: running.run_id,
-            started: running.started,
+            duration_seconds: running.started_at.elapsed().as_secs_f64(),
+            info: running.info,
             finished: rfc3339(Utc::now()),
             outcome,
-            duration_seconds: running.started_at.elapsed().as_secs_f64(),
             reason,
         };
         if inner.finished.len() == FINISHED_KEPT {
