@@ -261,8 +261,7 @@ impl DevCtfe {
 
     /// Serves on `addr` until `stop` is cancelled; returns the bound address.
     pub async fn spawn(&self, addr: SocketAddr, stop: CancellationToken) -> Result<SocketAddr, Error> {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
-        let local = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+        let (listener, local) = crate::server::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
         let router = self.router();
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await {
